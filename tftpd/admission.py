@@ -1,0 +1,161 @@
+"""Admission: a request, the configuration and the access policy give either a
+plan for a transfer (an open file and the negotiated options) or a TftpError.
+
+No sockets, threads or clocks here; only the file system.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence, Union
+
+from . import netascii, paths
+from .config import Config
+from .files import AtomicFile, FileSource, NetasciiSink, NetasciiSource, free_bytes
+from .options import Limits, Negotiated, negotiate
+from .packets import ErrorCode, Opcode, Request, TftpError, oack_packet
+
+__all__ = ["Plan", "Policy", "RootsPolicy", "Admission"]
+
+_MODES = (b"octet", b"netascii")
+_READ_FLAGS = (os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
+               | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+
+
+
+def _not_found() -> TftpError:
+    return TftpError(ErrorCode.FILE_NOT_FOUND, "File not found")
+
+
+def _denied() -> TftpError:
+    return TftpError(ErrorCode.ACCESS_VIOLATION, "Access violation")
+
+
+class Policy(Protocol):
+    """Decides whether a real path may be served."""
+
+    def allowed(self, path: str) -> bool: ...
+
+
+class RootsPolicy:
+    """Only files under the given directories (by real path)."""
+
+    def __init__(self, roots: Sequence[str]) -> None:
+        self.roots = [os.path.realpath(r) for r in roots]
+
+    def allowed(self, path: str) -> bool:
+        return any(paths.within(path, r) for r in self.roots)
+
+
+@dataclass
+class Plan:
+    opcode: Opcode
+    path: str                      # real path
+    netascii: bool
+    negotiated: Negotiated
+    oack: Optional[bytes]
+    source: Union[FileSource, NetasciiSource, None] = None
+    sink: Union[AtomicFile, NetasciiSink, None] = None
+    fd: int = -1
+
+    def close(self) -> None:
+        """Release the file; an unfinished upload is removed."""
+        if self.sink is not None:
+            self.sink.abort()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _opened_is(fd: int, path: str, st: os.stat_result) -> bool:
+    """The descriptor is the file at ``path`` (no swap between check and open)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == path
+    except OSError:
+        try:
+            ref = os.stat(path)
+        except OSError:
+            return False
+        return (ref.st_dev, ref.st_ino) == (st.st_dev, st.st_ino)
+
+
+class Admission:
+    def __init__(self, config: Config, policy: Policy, umask: int = 0o022) -> None:
+        self.config = config
+        self.policy = policy
+        self.limits: Limits = config.limits
+        self.new_file_mode = 0o666 & ~umask
+
+    def admit(self, request: Request) -> Plan:
+        mode = request.mode.lower()
+        if mode not in _MODES:
+            raise TftpError(ErrorCode.ILLEGAL_OPERATION,
+                            "Illegal TFTP operation: unsupported mode")
+        if request.opcode == Opcode.RRQ:
+            return self._read(request, mode == b"netascii")
+        return self._write(request, mode == b"netascii")
+
+    def _read(self, request: Request, text: bool) -> Plan:
+        path = paths.real(paths.lexical(request.filename, self.config.root))
+        if not self.policy.allowed(path):
+            raise _denied()
+        try:
+            fd = os.open(path, _READ_FLAGS)
+        except OSError as e:
+            raise _not_found() if e.errno in (errno.ENOENT, errno.ENOTDIR) else _denied()
+        try:
+            st = os.fstat(fd)
+            if (not stat.S_ISREG(st.st_mode) or not st.st_mode & stat.S_IROTH
+                    or not _opened_is(fd, path, st)):
+                raise _denied()
+            os.set_blocking(fd, True)
+            n = negotiate(Opcode.RRQ, request.options, self.limits,
+                          rrq_size=(lambda: netascii.encoded_size(fd)) if text
+                          else (lambda: st.st_size))
+            source: Union[FileSource, NetasciiSource] = (
+                NetasciiSource(fd, n.blksize, n.windowsize) if text
+                else FileSource(fd, n.blksize, st.st_size))
+            return Plan(Opcode.RRQ, path, text, n, oack_packet(n.oack()) if n.acked else None,
+                        source=source, fd=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _write(self, request: Request, text: bool) -> Plan:
+        if not self.config.allow_write:
+            raise TftpError(ErrorCode.ACCESS_VIOLATION,
+                            "Access violation: writing is not enabled")
+        path = paths.real(paths.lexical(request.filename, self.config.write_root))
+        if not self.policy.allowed(path):
+            raise _denied()
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):
+            raise TftpError(ErrorCode.FILE_NOT_FOUND, "Directory not found")
+        mode = self.new_file_mode
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            raise _denied()
+        else:
+            if not stat.S_ISREG(st.st_mode) or not os.access(path, os.W_OK):
+                raise _denied()
+            mode = stat.S_IMODE(st.st_mode)
+        n = negotiate(Opcode.WRQ, request.options, self.limits)
+        if n.tsize is not None:
+            free = free_bytes(directory)
+            if free is not None and n.tsize > free:
+                raise TftpError(ErrorCode.DISK_FULL, "Disk full or allocation exceeded")
+        try:
+            atomic = AtomicFile(path, mode)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise TftpError(ErrorCode.DISK_FULL, "Disk full or allocation exceeded")
+            raise _denied()
+        sink: Union[AtomicFile, NetasciiSink] = NetasciiSink(atomic) if text else atomic
+        return Plan(Opcode.WRQ, path, text, n, oack_packet(n.oack()) if n.acked else None,
+                    sink=sink)

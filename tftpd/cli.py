@@ -1,0 +1,219 @@
+"""Command line: one flag table feeds the parser, the config and ``--help``.
+
+AIX flags keep their getopt form (``-c 10``, ``-c10``, ``-nv``); long options
+extend them.  Every bad value gets one line naming the flag and the value, the
+usage, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import getopt
+import ipaddress
+import os
+import sys
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from . import __version__
+from .config import Config
+from .options import KNOWN_OPTIONS, MAX_BLKSIZE, MIN_BLKSIZE
+
+__all__ = ["FLAGS", "Flag", "UsageError", "parse_args", "usage", "help_text"]
+
+
+class UsageError(Exception):
+    """A bad command line; the message names the flag and the value."""
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            n = int(value, 10)
+        except ValueError:
+            raise UsageError(f"invalid value '{value}' (expected an integer from {lo} to {hi})")
+        if not lo <= n <= hi:
+            raise UsageError(f"value '{value}' out of range (expected {lo} to {hi})")
+        return n
+    return parse
+
+
+def _seconds(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise UsageError(f"invalid value '{value}' (expected seconds from {lo:g} to {hi:g})")
+        if not lo <= x <= hi:      # also refuses nan
+            raise UsageError(f"value '{value}' out of range (expected {lo:g} to {hi:g} seconds)")
+        return x
+    return parse
+
+
+def _directory(value: str) -> str:
+    if not value:
+        raise UsageError("empty directory name")
+    if not os.path.isdir(value):
+        raise UsageError(f"directory '{value}' does not exist")
+    return os.path.abspath(value)
+
+
+def _option(value: str) -> str:
+    name = value.lower()
+    if name not in KNOWN_OPTIONS:
+        raise UsageError(f"unknown TFTP option '{value}' (known: {', '.join(KNOWN_OPTIONS)})")
+    return name
+
+
+def _address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value.split("%", 1)[0])
+    except ValueError:
+        raise UsageError(f"invalid address '{value}' (expected an IPv4 or IPv6 address)")
+    return value
+
+
+def _text(value: str) -> str:
+    if not value:
+        raise UsageError("empty value")
+    return value
+
+
+@dataclass(frozen=True)
+class Flag:
+    short: Optional[str]
+    long: Optional[str]
+    metavar: Optional[str]          # None: a switch without a value
+    dest: str
+    help: str
+    parse: Optional[Callable[[str], Any]] = None
+    repeat: bool = False            # values collect into a frozenset
+
+    @property
+    def name(self) -> str:
+        return f"-{self.short}" if self.short else f"--{self.long}"
+
+
+FLAGS: Sequence[Flag] = (
+    Flag("c", None, "N", "max_threads",
+         "maximum concurrent transfer threads (default 256)", _int(1, 10000)),
+    Flag("n", None, None, "allow_write", "allow write requests (WRQ): clients may create files"),
+    Flag("p", None, "PORT", "port", "standalone mode on PORT (0: any free port)", _int(0, 65535)),
+    Flag("r", None, "OPTION", "refused",
+         "do not negotiate OPTION (blksize, tsize, timeout, windowsize, rollover); repeatable",
+         _option, repeat=True),
+    Flag("t", None, "SECONDS", "timeout",
+         "initial retransmission timeout (default 1; fractions allowed)", _seconds(0.01, 255)),
+    Flag("x", None, "N", "max_timeouts",
+         "timeouts waiting for one datagram before a transfer is abandoned (default 6)",
+         _int(1, 100)),
+    Flag("z", None, "SIZE", "max_blksize",
+         f"largest blksize accepted (default {MAX_BLKSIZE})", _int(MIN_BLKSIZE, MAX_BLKSIZE)),
+    Flag("v", None, None, "verbose", "log every successful transfer"),
+    Flag("i", None, None, "log_address", "put the client's address into error log lines"),
+    Flag("s", None, None, "socket_debug", "socket-level debugging (SO_DEBUG, packet trace)"),
+    Flag("d", None, "DIR", "write_dir",
+         "directory for write requests with a relative file name", _directory),
+    Flag(None, "root", "DIR", "root", "read root for relative file names (default /tftpboot)",
+         _directory),
+    Flag(None, "access-file", "FILE", "access_file",
+         "access control file (default /etc/tftpaccess.ctl)", _text),
+    Flag(None, "user", "NAME", "user", "user to run as when started as root (default nobody)",
+         _text),
+    Flag(None, "address", "ADDR", "address", "bind address in standalone mode (default: all)",
+         _address),
+    Flag(None, "idle-timeout", "SECONDS", "idle_timeout",
+         "inetd mode: exit after this long with nothing to do (default 60)",
+         _seconds(0, 86400)),
+    Flag(None, "max-windowsize", "N", "max_windowsize",
+         "largest RFC 7440 windowsize granted (default 64)", _int(1, 32768)),
+    Flag(None, "queue", "N", "queue_limit",
+         "requests that may wait for a free worker (default 1024)", _int(1, 100000)),
+    Flag(None, "daemon", None, "daemon", "with -p: detach and run in the background"),
+    Flag(None, "pidfile", "FILE", "pidfile", "PID lock file for --daemon (default /run/tftpd.pid)",
+         _text),
+    Flag(None, "help", None, "help", "show this help and exit"),
+    Flag(None, "version", None, "version", "show the version and exit"),
+)
+
+_BY_NAME: Dict[str, Flag] = {f.name: f for f in FLAGS}
+_SHORTOPTS = "".join(f.short + (":" if f.metavar else "") for f in FLAGS if f.short)
+_LONGOPTS = [f.long + ("=" if f.metavar else "") for f in FLAGS if f.long]
+
+
+def usage() -> str:
+    parts = []
+    for f in FLAGS:
+        if f.dest in ("help", "version"):
+            continue
+        parts.append(f"[{f.name}{' ' + f.metavar if f.metavar else ''}]")
+    return "usage: tftpd " + " ".join(parts)
+
+
+def help_text() -> str:
+    lines = [usage(), "", "TFTP server (AIX tftpd compatible).", ""]
+    for f in FLAGS:
+        spec = f.name + (f" {f.metavar}" if f.metavar else "")
+        lines.append(f"  {spec:<24} {f.help}")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Parsed:
+    config: Config
+    help: bool = False
+    version: bool = False
+
+
+def parse_args(argv: List[str]) -> Parsed:
+    try:
+        opts, rest = getopt.getopt(argv, _SHORTOPTS, _LONGOPTS)
+    except getopt.GetoptError as e:
+        opt = f"-{e.opt}" if len(e.opt) == 1 else f"--{e.opt}"
+        if "requires argument" in e.msg:
+            raise UsageError(f"{opt}: missing value")
+        if "must not have an argument" in e.msg:
+            raise UsageError(f"{opt}: takes no value")
+        if "not a unique prefix" in e.msg:
+            raise UsageError(f"{opt}: ambiguous option")
+        raise UsageError(f"{opt}: unknown option")
+    if rest:
+        raise UsageError(f"unexpected argument '{rest[0]}' (use --root DIR for the read root)")
+    values: Dict[str, Any] = {}
+    refused: set = set()
+    flags = set()
+    for opt, value in opts:
+        flag = _BY_NAME[opt]
+        if flag.metavar is None:
+            flags.add(flag.dest)
+            continue
+        assert flag.parse is not None
+        try:
+            parsed = flag.parse(value)
+        except UsageError as e:
+            raise UsageError(f"{opt}: {e}")
+        if flag.repeat:
+            refused.add(parsed)
+        else:
+            values[flag.dest] = parsed
+    if "help" in flags or "version" in flags:
+        return Parsed(Config(), help="help" in flags, version="version" in flags)
+    for dest in ("allow_write", "verbose", "log_address", "socket_debug", "daemon"):
+        if dest in flags:
+            values[dest] = True
+    if refused:
+        values["refused"] = frozenset(refused)
+    config = replace(Config(), **values)
+    if "root" not in values and not os.path.isdir(config.root):
+        raise UsageError(f"--root: directory '{config.root}' (the default) does not exist")
+    if config.daemon and config.port is None:
+        raise UsageError("--daemon: needs -p PORT")
+    return Parsed(config)
+
+
+def version_text() -> str:
+    return f"tftpd {__version__}\n"
+
+
+def fail(message: str) -> int:
+    sys.stderr.write(f"tftpd: {message}\n{usage()}\n")
+    return 2

@@ -1,0 +1,175 @@
+"""Block sources for RRQ and atomic sinks for WRQ.
+
+A source hands out blocks as memoryviews into one reusable buffer filled with
+``os.preadv`` (no mmap: a file truncated under us must not SIGBUS the server).
+The view returned by ``block()`` is valid until the next call: the engine
+transmits each block before it asks for the next one.
+
+A sink writes to a temporary file in the target's directory and renames it
+over the target only after the last block has been flushed and fsynced.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from . import netascii
+
+__all__ = ["FileSource", "NetasciiSource", "AtomicFile", "NetasciiSink",
+           "TEMP_PREFIX", "TEMP_SUFFIX", "READ_CHUNK"]
+
+READ_CHUNK = 64 * 1024
+TEMP_PREFIX = ".tftpd-"
+TEMP_SUFFIX = ".part"
+
+
+class FileSource:
+    """Blocks of a file in octet mode."""
+
+    __slots__ = ("fd", "blksize", "buf", "view", "start", "end", "eof")
+
+    def __init__(self, fd: int, blksize: int, size_hint: int) -> None:
+        self.fd = fd
+        self.blksize = blksize
+        per_chunk = max(1, READ_CHUNK // blksize) * blksize
+        wanted = -(-(size_hint + 1) // blksize) * blksize   # whole file + 1 byte
+        self.buf = bytearray(min(per_chunk, wanted))
+        self.view = memoryview(self.buf)
+        self.start = 0        # file offset of buf[0]
+        self.end = 0          # file offset just past the valid data
+        self.eof = False      # the valid data ends at end of file
+
+    def block(self, index: int) -> memoryview:
+        blksize = self.blksize
+        off = (index - 1) * blksize
+        rel = off - self.start
+        if rel < 0 or (off + blksize > self.end and not self.eof):
+            n = os.preadv(self.fd, [self.view], off)
+            self.start = off
+            self.end = off + n
+            self.eof = n < len(self.buf)
+            rel = 0
+        stop = self.end - self.start
+        if rel + blksize < stop:
+            stop = rel + blksize
+        return self.view[rel:stop] if rel < stop else self.view[0:0]
+
+
+class NetasciiSource:
+    """Blocks of a file converted to netascii on the fly.
+
+    Keeps the encoded bytes of the current window and the one before it, so a
+    go-back to the oldest unacknowledged block never needs the file again.
+    """
+
+    def __init__(self, fd: int, blksize: int, windowsize: int) -> None:
+        self.fd = fd
+        self.blksize = blksize
+        self.keep = blksize * (windowsize + 1)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.enc = bytearray()
+        self.enc_start = 0         # encoded offset of enc[0]
+        self.raw_off = 0           # next raw offset to read
+        self.raw_eof = False
+
+    def block(self, index: int) -> bytes:
+        off = (index - 1) * self.blksize
+        if off < self.enc_start:
+            self._reset()          # not reached by the engine; stay correct anyway
+        need = off + self.blksize
+        while self.enc_start + len(self.enc) < need and not self.raw_eof:
+            data = os.pread(self.fd, READ_CHUNK, self.raw_off)
+            if not data:
+                self.raw_eof = True
+                break
+            self.raw_off += len(data)
+            self.enc += netascii.encode(data)
+        drop = off - self.keep - self.enc_start
+        if drop > 0:
+            del self.enc[:drop]
+            self.enc_start += drop
+        rel = off - self.enc_start
+        return bytes(self.enc[rel:rel + self.blksize])
+
+
+class AtomicFile:
+    """A new version of ``target``, visible only once complete.
+
+    Data goes to ``.tftpd-<name>.XXXXXX.part`` beside the target; ``finish()``
+    flushes, fsyncs and renames it over the target; ``abort()`` removes it.
+    """
+
+    def __init__(self, target: str, mode: int) -> None:
+        import tempfile
+        directory, name = os.path.split(target)
+        self.target = target
+        fd, self.temp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{name[:64]}.",
+                                         suffix=TEMP_SUFFIX, dir=directory)
+        try:
+            os.fchmod(fd, mode)
+        except OSError:
+            pass
+        self.file = os.fdopen(fd, "wb", buffering=256 * 1024)
+        self.done = False
+
+    def write(self, data: memoryview) -> None:
+        self.file.write(data)
+
+    def finish(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.temp, self.target)
+        self.done = True
+        try:
+            dfd = os.open(os.path.dirname(self.target) or ".", os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+
+    def abort(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        try:
+            os.unlink(self.temp)
+        except OSError:
+            pass
+
+
+class NetasciiSink:
+    """Decodes netascii before handing data to the file."""
+
+    def __init__(self, file: AtomicFile) -> None:
+        self.file = file
+        self.decoder = netascii.Decoder()
+
+    def write(self, data: memoryview) -> None:
+        self.file.write(memoryview(self.decoder.feed(data)))
+
+    def finish(self) -> None:
+        tail = self.decoder.flush()
+        if tail:
+            self.file.write(memoryview(tail))
+        self.file.finish()
+
+    def abort(self) -> None:
+        self.file.abort()
+
+
+def free_bytes(directory: str) -> Optional[int]:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize

@@ -1,0 +1,100 @@
+"""Entry point: parse the command line, pick the front door, run the server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import sys
+from typing import List, Optional
+
+from . import log as logsetup
+from .admission import RootsPolicy
+from .cli import UsageError, fail, help_text, parse_args, version_text
+from .config import Config
+
+__all__ = ["main"]
+
+NOT_A_SOCKET = ("standard input is not a datagram socket (inetd mode); "
+                "use -p PORT to run standalone")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        parsed = parse_args(args)
+    except UsageError as e:
+        return fail(str(e))
+    if parsed.help:
+        sys.stdout.write(help_text())
+        return 0
+    if parsed.version:
+        sys.stdout.write(version_text())
+        return 0
+    config = parsed.config
+    if config.port is not None:
+        return standalone(config)
+    return inetd(config)
+
+
+def _policy(config: Config) -> RootsPolicy:
+    roots = [config.root] + ([config.write_dir] if config.write_dir else [])
+    return RootsPolicy(roots)
+
+
+def standalone(config: Config) -> int:
+    from .server import Server, bind_standalone, show
+    log = logsetup.setup(stderr=True, debug=config.socket_debug)
+    assert config.port is not None
+    try:
+        sock = bind_standalone(config.port, config.address)
+    except OSError as e:
+        where = f"{config.address or '*'} port {config.port}"
+        sys.stderr.write(f"tftpd: cannot bind {where}: {e.strerror or e}\n")
+        return 1
+    server = Server(config, [sock], _policy(config))
+    server.install_signals()
+    log.info("listening on %s (root %s)", show(sock.getsockname()), config.root)
+    return server.serve()
+
+
+def _listen_fd() -> int:
+    """fd 3 under systemd socket activation, else fd 0 (inetd)."""
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS"):
+        for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(var, None)
+        return 3
+    return 0
+
+
+def inetd(config: Config) -> int:
+    fd = _listen_fd()
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return fail(NOT_A_SOCKET)
+    if sock.type != socket.SOCK_DGRAM:
+        sock.detach()
+        return fail(NOT_A_SOCKET)
+    listen = sock.dup()
+    sock.detach()
+    # inetd gives the socket as fds 0, 1 and 2: nothing may be written to it.
+    ino = os.fstat(listen.fileno()).st_ino
+    stderr_ok = True
+    null = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1, 2):
+        try:
+            st = os.fstat(std)
+        except OSError:
+            os.dup2(null, std)
+            continue
+        if std == 0 or (stat.S_ISSOCK(st.st_mode) and st.st_ino == ino):
+            os.dup2(null, std)
+            if std == 2:
+                stderr_ok = False
+    os.close(null)
+    from .server import Server
+    logsetup.setup(stderr=stderr_ok, debug=config.socket_debug)
+    server = Server(config, [listen], _policy(config), idle_exit=True)
+    server.install_signals()
+    return server.serve()

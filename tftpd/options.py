@@ -1,0 +1,135 @@
+"""Option negotiation (RFC 2347, 2348, 2349, 7440 and the ``rollover`` option).
+
+One table of option handlers, as tftp-hpa keeps it: ``-r NAME`` removes a row.
+Names are matched case-insensitively; an unknown, refused, repeated or
+out-of-range option is simply not acknowledged (RFC 2347), never an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
+
+from .packets import Opcode, Options
+
+__all__ = ["Limits", "Negotiated", "negotiate", "KNOWN_OPTIONS", "parse_uint",
+           "MIN_BLKSIZE", "MAX_BLKSIZE", "DEFAULT_BLKSIZE"]
+
+MIN_BLKSIZE = 8
+MAX_BLKSIZE = 65464
+DEFAULT_BLKSIZE = 512
+MAX_WINDOWSIZE = 65535
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the server is prepared to negotiate."""
+    max_blksize: int = MAX_BLKSIZE          # -z
+    max_windowsize: int = 64                # server cap on RFC 7440 windowsize
+    refused: FrozenSet[str] = frozenset()   # -r NAME ...
+
+
+@dataclass
+class Negotiated:
+    blksize: int = DEFAULT_BLKSIZE
+    windowsize: int = 1
+    timeout: Optional[float] = None   # client's fixed timeout, seconds
+    tsize: Optional[int] = None       # WRQ: size announced by the client
+    tsize_requested: bool = False     # RRQ: client asked for the size
+    rollover: int = 0                 # block number after 65535
+    acked: List[Tuple[bytes, bytes]] = field(default_factory=list)
+
+    def oack(self) -> Options:
+        return tuple(self.acked)
+
+
+def parse_uint(value: bytes, max_digits: int = 10) -> Optional[int]:
+    """A plain decimal number, or None (no sign, blanks, exponent or junk)."""
+    if not value or len(value) > max_digits or not value.isdigit():
+        return None
+    return int(value)
+
+
+Handler = Callable[[Negotiated, Opcode, bytes, Limits], Optional[bytes]]
+
+
+def _blksize(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[bytes]:
+    v = parse_uint(value)
+    if v is None or not MIN_BLKSIZE <= v <= MAX_BLKSIZE:
+        return None
+    n.blksize = min(v, lim.max_blksize)
+    return str(n.blksize).encode()
+
+
+def _tsize(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[bytes]:
+    v = parse_uint(value, max_digits=20)
+    if v is None:
+        return None
+    if op == Opcode.RRQ:
+        n.tsize_requested = True
+        return b""  # filled in with the real size by the caller
+    n.tsize = v
+    return value
+
+
+def _timeout(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[bytes]:
+    v = parse_uint(value)
+    if v is None or not 1 <= v <= 255:
+        return None
+    n.timeout = float(v)
+    return str(v).encode()
+
+
+def _windowsize(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[bytes]:
+    v = parse_uint(value)
+    if v is None or not 1 <= v <= MAX_WINDOWSIZE:
+        return None
+    n.windowsize = min(v, lim.max_windowsize)
+    return str(n.windowsize).encode()
+
+
+def _rollover(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[bytes]:
+    v = parse_uint(value)
+    if v not in (0, 1):
+        return None
+    n.rollover = v
+    return str(v).encode()
+
+
+HANDLERS: Dict[str, Handler] = {
+    "blksize": _blksize,
+    "tsize": _tsize,
+    "timeout": _timeout,
+    "windowsize": _windowsize,
+    "rollover": _rollover,
+}
+KNOWN_OPTIONS = tuple(HANDLERS)
+
+
+def negotiate(opcode: Opcode, options: Options, limits: Limits,
+              rrq_size: Optional[Callable[[], int]] = None) -> Negotiated:
+    """Decide which options to acknowledge.
+
+    ``rrq_size`` is called only when an RRQ asks for ``tsize``; it returns the
+    number of bytes the transfer will carry (after netascii conversion).
+    """
+    n = Negotiated()
+    seen = set()
+    for raw_name, value in options:
+        name = raw_name.decode("latin-1").lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        handler = HANDLERS.get(name)
+        if handler is None or name in limits.refused:
+            continue
+        reply = handler(n, opcode, value, limits)
+        if reply is None:
+            continue
+        if name == "tsize" and opcode == Opcode.RRQ:
+            if rrq_size is None:
+                n.tsize_requested = False
+                continue
+            reply = str(rrq_size()).encode()
+        n.acked.append((name.encode(), reply))
+    return n

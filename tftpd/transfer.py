@@ -1,0 +1,431 @@
+"""The transfer engine: a sender (RRQ) and a receiver (WRQ) with no I/O.
+
+A transfer is driven by three calls, as aioquic drives a connection:
+
+* ``start(now)`` sends the first packet (OACK, first DATA or ACK 0);
+* ``receive(datagram, addr, now)`` handles one datagram from any address;
+* ``on_timer(now)`` is called once ``now >= deadline``.
+
+Packets leave through the ``transmit(buffers, addr)`` callback given to the
+constructor (a DATA packet is a header and a memoryview of file data, so the
+driver can hand both to ``sendmsg`` without copying).  Time is whatever the
+caller says it is: tests move it by hand.
+
+Both sides follow RFC 1350 with RFC 1123 4.2.3 (adaptive timeout with backoff,
+no retransmission on a duplicate ACK), RFC 7440 windows (go-back-N from the
+first block the peer did not acknowledge) and block numbers that wrap past
+65535 (to 0, or to 1 with ``rollover=1``).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import math
+import struct
+from typing import Callable, Optional, Protocol, Sequence, Tuple, Union
+
+from .packets import ErrorCode, Opcode, error_packet
+
+__all__ = ["Outcome", "Rto", "Sender", "Receiver", "Source", "Sink",
+           "Address", "Transmit", "FIRST_REPLY_TIMEOUTS"]
+
+Address = Tuple  # (host, port) or (host, port, flowinfo, scope_id)
+Buffer = Union[bytes, bytearray, memoryview]
+Transmit = Callable[[Sequence[Buffer], Address], None]
+
+_DATA_HDR = struct.Struct("!HH")
+_ERR_TID = error_packet(ErrorCode.UNKNOWN_TID, "Unknown transfer ID")
+
+# A peer that has never answered gets its first reply (OACK or DATA 1 or
+# ACK 0) at most this many times: a spoofed request cannot make the server
+# send more than that many datagrams to its victim.
+FIRST_REPLY_TIMEOUTS = 3
+
+MIN_RTO = 0.2
+MAX_RTO = 64.0
+
+
+class Outcome(enum.Enum):
+    RUNNING = "running"
+    OK = "ok"
+    TIMEOUT = "timeout"
+    PEER_ERROR = "peer error"     # the peer sent ERROR (a tsize probe, an abort)
+    ERROR = "error"               # we sent ERROR (bad packet, disk full, ...)
+
+
+class Rto:
+    """Retransmission timeout (RFC 1123 4.2.3.2 / RFC 6298 style).
+
+    Starts at ``initial``; round-trip samples adapt it within
+    [MIN_RTO, MAX_RTO]; each timeout doubles it.  A client's ``timeout``
+    option makes it ``fixed``.
+    """
+
+    __slots__ = ("value", "fixed", "srtt", "rttvar", "floor")
+
+    def __init__(self, initial: float, fixed: bool = False,
+                 floor: float = MIN_RTO) -> None:
+        self.value = initial
+        self.fixed = fixed
+        self.floor = min(floor, initial)
+        self.srtt = -1.0
+        self.rttvar = 0.0
+
+    def sample(self, rtt: float) -> None:
+        if self.fixed:
+            return
+        if self.srtt < 0:
+            self.srtt = rtt
+            self.rttvar = rtt / 2
+        else:
+            self.rttvar += 0.25 * (abs(self.srtt - rtt) - self.rttvar)
+            self.srtt += 0.125 * (rtt - self.srtt)
+        v = self.srtt + 4 * self.rttvar
+        self.value = self.floor if v < self.floor else MAX_RTO if v > MAX_RTO else v
+
+    def backoff(self) -> None:
+        if not self.fixed:
+            self.value = min(self.value * 2, MAX_RTO)
+
+
+class Source(Protocol):
+    """File data for a sender, cut into blocks (index 1 is the first)."""
+
+    def block(self, index: int) -> Buffer: ...
+
+
+class Sink(Protocol):
+    """Where a receiver puts data; ``finish`` makes it durable and visible."""
+
+    def write(self, data: memoryview) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class _Wire:
+    """Block numbers on the wire: 16 bits, wrapping to 0 or (rollover=1) to 1."""
+
+    __slots__ = ("modulus", "base")
+
+    def __init__(self, rollover: int) -> None:
+        self.base = 1 if rollover == 1 else 0
+        self.modulus = 65535 if rollover == 1 else 65536
+
+    def number(self, index: int) -> int:
+        if index <= 65535:
+            return index
+        return (index - self.base) % self.modulus + self.base
+
+    def distance(self, wire: int, index: int) -> int:
+        """Steps forward from block ``index`` to the next block numbered ``wire``."""
+        return (wire - self.base - (index - self.base)) % self.modulus
+
+
+class _Transfer:
+    """What a sender and a receiver share: peer check, timer, outcome."""
+
+    def __init__(self, peer: Address, transmit: Transmit, rto: Rto,
+                 max_timeouts: int, rollover: int, first: Optional[bytes]) -> None:
+        self.peer = peer
+        self.transmit = transmit
+        self.rto = rto
+        self.max_timeouts = max(1, max_timeouts)
+        self.first_timeouts = min(self.max_timeouts, FIRST_REPLY_TIMEOUTS)
+        self.wire = _Wire(rollover)
+        self.first = first              # OACK bytes, if options were acked
+        self.deadline = math.inf
+        self.timeouts = 0
+        self.answered = False           # has the peer ever sent us a valid packet
+        self.retransmitted = False      # Karn: no RTT sample after a resend
+        self.sent_at = 0.0
+        self.outcome = Outcome.RUNNING
+        self.message = ""               # why it ended, for the log
+        self.completed_at: Optional[float] = None
+        self.retransmits = 0
+
+    @property
+    def done(self) -> bool:
+        return self.deadline == math.inf
+
+    def _finish(self, outcome: Outcome, message: str = "",
+                error: Optional[Tuple[ErrorCode, str]] = None) -> None:
+        if error is not None:
+            self.transmit((error_packet(error[0], error[1]),), self.peer)
+        if self.outcome is Outcome.RUNNING:
+            self.outcome = outcome
+            self.message = message
+        self.deadline = math.inf
+
+    def abort(self, code: ErrorCode, message: str) -> None:
+        """End the transfer with an ERROR to the peer (e.g. on shutdown)."""
+        if self.outcome is not Outcome.RUNNING:
+            self.deadline = math.inf      # dallying after success: just stop
+        elif not self.done:
+            self._finish(Outcome.ERROR, message, (code, message))
+
+    def _stray(self, data: Buffer, addr: Address) -> None:
+        """A datagram from another TID: answer ERROR 5 unless it is an ERROR."""
+        if len(data) >= 2 and data[0] == 0 and data[1] == Opcode.ERROR:
+            return
+        self.transmit((_ERR_TID,), addr)
+
+    def _peer_error(self, data: Buffer) -> None:
+        code = data[2] << 8 | data[3] if len(data) >= 4 else 0
+        text = bytes(data[4:]).split(b"\0", 1)[0].decode("utf-8", "replace")
+        self._finish(Outcome.PEER_ERROR, f"peer sent error {code}: {text[:120]}")
+
+    def _illegal(self, what: str) -> None:
+        self._finish(Outcome.ERROR, what, (ErrorCode.ILLEGAL_OPERATION, what))
+
+    def _timed_out(self) -> bool:
+        """Count one timeout; True if the transfer is abandoned."""
+        self.timeouts += 1
+        limit = self.max_timeouts if self.answered else self.first_timeouts
+        if self.timeouts >= limit:
+            self._finish(Outcome.TIMEOUT, f"no answer after {self.timeouts} timeouts")
+            return True
+        self.rto.backoff()
+        self.retransmitted = True
+        self.retransmits += 1
+        return False
+
+
+class Sender(_Transfer):
+    """Serves a read request: sends DATA, receives ACK."""
+
+    def __init__(self, source: Source, peer: Address, transmit: Transmit, *,
+                 blksize: int = 512, windowsize: int = 1, rollover: int = 0,
+                 rto: Rto, max_timeouts: int = 6, oack: Optional[bytes] = None) -> None:
+        super().__init__(peer, transmit, rto, max_timeouts, rollover, oack)
+        self.source = source
+        self.blksize = blksize
+        self.window = windowsize
+        self.base = 1          # oldest block not yet acknowledged
+        self.next = 1          # next block to send
+        self.last = 0          # index of the final (short) block, once known
+        self.last_len = 0
+        self.waiting_oack = oack is not None
+
+    @property
+    def bytes(self) -> int:
+        """File bytes the peer has acknowledged."""
+        if self.last and self.base > self.last:
+            return (self.last - 1) * self.blksize + self.last_len
+        return (self.base - 1) * self.blksize
+
+    def start(self, now: float) -> None:
+        if self.waiting_oack:
+            assert self.first is not None
+            self.transmit((self.first,), self.peer)
+            self.sent_at = now
+            self.deadline = now + self.rto.value
+        else:
+            self._send_window(now)
+
+    def _send_window(self, now: float) -> None:
+        """Send every block from ``next`` up to the end of the window."""
+        end = self.base + self.window
+        if self.last and end > self.last + 1:
+            end = self.last + 1
+        index = self.next
+        if index >= end:
+            return
+        source, transmit, peer, number = self.source, self.transmit, self.peer, self.wire.number
+        pack = _DATA_HDR.pack
+        blksize = self.blksize
+        try:
+            while index < end:
+                payload = source.block(index)
+                transmit((pack(3, number(index)), payload), peer)
+                index += 1
+                if len(payload) < blksize:
+                    self.last = index - 1
+                    self.last_len = len(payload)
+                    break
+        except OSError as e:
+            self._finish(Outcome.ERROR, f"read failed: {e.strerror or e}",
+                         (ErrorCode.UNDEFINED, "Read error"))
+            return
+        self.next = index
+        self.sent_at = now
+        self.deadline = now + self.rto.value
+
+    def receive(self, data: Buffer, addr: Address, now: float) -> None:
+        if addr != self.peer:
+            self._stray(data, addr)
+            return
+        if self.done:
+            return
+        n = len(data)
+        if n >= 4 and data[0] == 0:
+            op = data[1]
+            if op == 4:
+                self._ack(data[2] << 8 | data[3], now)
+                return
+            if op == 5:
+                self._peer_error(data)
+                return
+        self._illegal("Illegal TFTP operation: expected ACK")
+
+    def _ack(self, wire: int, now: float) -> None:
+        if self.waiting_oack:
+            if wire != 0:
+                return                       # not the ACK of our OACK: ignore
+            self.waiting_oack = False
+            self._progress(now)
+            self._send_window(now)
+            return
+        d = self.wire.distance(wire, self.base)
+        if d >= self.next - self.base:
+            return    # duplicate or future ACK: never retransmit on it (RFC 1123)
+        acked = self.base + d
+        self._progress(now)
+        self.base = acked + 1
+        if acked == self.last:
+            self.completed_at = now
+            self._finish(Outcome.OK)
+            return
+        if acked + 1 < self.next:
+            self.next = acked + 1        # the peer reported a gap: go back
+        self._send_window(now)
+
+    def _progress(self, now: float) -> None:
+        if not self.retransmitted:
+            self.rto.sample(now - self.sent_at)
+        self.retransmitted = False
+        self.answered = True
+        self.timeouts = 0
+        self.deadline = now + self.rto.value
+
+    def on_timer(self, now: float) -> None:
+        if now < self.deadline or self._timed_out():
+            return
+        if self.waiting_oack:
+            assert self.first is not None
+            self.transmit((self.first,), self.peer)
+            self.sent_at = now
+            self.deadline = now + self.rto.value
+        else:
+            self.next = self.base
+            self._send_window(now)
+
+
+class Receiver(_Transfer):
+    """Serves a write request: receives DATA, sends ACK; dallies at the end."""
+
+    def __init__(self, sink: Sink, peer: Address, transmit: Transmit, *,
+                 blksize: int = 512, windowsize: int = 1, rollover: int = 0,
+                 rto: Rto, max_timeouts: int = 6, oack: Optional[bytes] = None,
+                 dally: float = 2.0) -> None:
+        super().__init__(peer, transmit, rto, max_timeouts, rollover, oack)
+        self.sink = sink
+        self.blksize = blksize
+        self.window = windowsize
+        self.received = 0            # last block written, in order
+        self.unacked = 0             # blocks received since our last ACK
+        self.gap_reported = False
+        self.dally = dally
+        self.dallying = False
+        self.reacks = 0
+        self.bytes = 0
+
+    def _send_ack(self, now: float) -> None:
+        if self.received == 0 and self.first is not None:
+            self.transmit((self.first,), self.peer)
+        else:
+            self.transmit((_DATA_HDR.pack(4, self.wire.number(self.received)),), self.peer)
+        self.unacked = 0
+        self.sent_at = now
+
+    def start(self, now: float) -> None:
+        self._send_ack(now)
+        self.deadline = now + self.rto.value
+
+    def receive(self, data: Buffer, addr: Address, now: float) -> None:
+        if addr != self.peer:
+            self._stray(data, addr)
+            return
+        if self.done:
+            return
+        n = len(data)
+        if n >= 4 and data[0] == 0:
+            op = data[1]
+            if op == 3:
+                self._data(data, n, now)
+                return
+            if op == 5:
+                if not self.dallying:
+                    self._peer_error(data)
+                return
+        if self.dallying:
+            return
+        self._illegal("Illegal TFTP operation: expected DATA")
+
+    def _data(self, data: Buffer, n: int, now: float) -> None:
+        if n - 4 > self.blksize:
+            if not self.dallying:
+                self._illegal("Illegal TFTP operation: DATA larger than blksize")
+            return
+        wire = data[2] << 8 | data[3]
+        d = self.wire.distance(wire, self.received + 1)
+        if self.dallying:
+            if d != 0 and self.reacks < self.max_timeouts:   # the last block again
+                self.reacks += 1
+                self._send_ack(now)
+            return
+        if d == 0:
+            if not self.retransmitted and self.unacked == 0:
+                self.rto.sample(now - self.sent_at)
+            self.retransmitted = False
+            self.answered = True
+            self.timeouts = 0
+            self.gap_reported = False
+            payload = memoryview(data)[4:n] if not isinstance(data, memoryview) else data[4:n]
+            try:
+                self.sink.write(payload)
+                self.received += 1
+                self.bytes += n - 4
+                if n - 4 < self.blksize:
+                    self.sink.finish()
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self._finish(Outcome.ERROR, "disk full",
+                                 (ErrorCode.DISK_FULL, "Disk full or allocation exceeded"))
+                else:
+                    self._finish(Outcome.ERROR, f"write failed: {e.strerror or e}",
+                                 (ErrorCode.UNDEFINED, "Write failed"))
+                return
+            if n - 4 < self.blksize:
+                self._send_ack(now)
+                self.completed_at = now
+                self.outcome = Outcome.OK
+                self.dallying = True
+                self.deadline = now + self.dally
+                return
+            self.unacked += 1
+            if self.unacked >= self.window:
+                self._send_ack(now)
+            self.deadline = now + self.rto.value
+        elif d < self.wire.modulus // 2:
+            # A block from beyond a gap: report what we have, once per gap.
+            if not self.gap_reported:
+                self.gap_reported = True
+                self._send_ack(now)
+                self.deadline = now + self.rto.value
+        else:
+            # An old block again: our ACK was lost; acknowledge it again.
+            self._send_ack(now)
+
+    def on_timer(self, now: float) -> None:
+        if now < self.deadline:
+            return
+        if self.dallying:
+            self.deadline = math.inf
+            return
+        if self._timed_out():
+            return
+        self.gap_reported = False
+        self._send_ack(now)
+        self.deadline = now + self.rto.value
+
