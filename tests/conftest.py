@@ -111,7 +111,14 @@ def tftpd_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         if root is None:
             root = tmp_path / "root"
             root.mkdir(exist_ok=True)
-        server = start_server(list(args), root, host)
+        extra = list(args)
+        # Hermetic defaults: no host /etc/tftpaccess.ctl, and stay root when run as
+        # root (tmp_path is 0700, so 'nobody' could read nothing in it).
+        if not any(a.startswith("--access-file") for a in extra):
+            extra += ["--access-file", str(tmp_path / "no-tftpaccess.ctl")]
+        if not any(a.startswith("--user") for a in extra):
+            extra += ["--user", "root"]
+        server = start_server(extra, root, host)
         started.append(server)
         return server
 

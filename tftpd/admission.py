@@ -82,6 +82,15 @@ def _opened_is(fd: int, path: str, st: os.stat_result) -> bool:
         return (ref.st_dev, ref.st_ino) == (st.st_dev, st.st_ino)
 
 
+def _created_in(fd: int, directory: str) -> bool:
+    """The new file's descriptor lies in ``directory`` (the checked real path)."""
+    try:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return True                        # no /proc: the realpath check stands alone
+    return os.path.dirname(where) == directory
+
+
 class Admission:
     def __init__(self, config: Config, policy: Policy, umask: int = 0o022) -> None:
         self.config = config
@@ -98,17 +107,30 @@ class Admission:
             return self._read(request, mode == b"netascii")
         return self._write(request, mode == b"netascii")
 
+    def _real(self, name: bytes, base: str) -> str:
+        """The real path of a requested name; every decision is made on it."""
+        try:
+            return paths.real(paths.lexical(name, base))
+        except (OSError, ValueError):      # e.g. an embedded NUL
+            raise _denied()
+
     def _read(self, request: Request, text: bool) -> Plan:
-        path = paths.real(paths.lexical(request.filename, self.config.root))
+        path = self._real(request.filename, self.config.root)
         if not self.policy.allowed(path):
             raise _denied()
         try:
+            # Refuse devices, FIFOs and directories before opening them: an
+            # open alone can have side effects (a tape rewinds, a FIFO blocks).
+            pre = os.lstat(path)
+            if not stat.S_ISREG(pre.st_mode) or not pre.st_mode & stat.S_IROTH:
+                raise _denied()
             fd = os.open(path, _READ_FLAGS)
         except OSError as e:
             raise _not_found() if e.errno in (errno.ENOENT, errno.ENOTDIR) else _denied()
         try:
             st = os.fstat(fd)
             if (not stat.S_ISREG(st.st_mode) or not st.st_mode & stat.S_IROTH
+                    or (st.st_dev, st.st_ino) != (pre.st_dev, pre.st_ino)
                     or not _opened_is(fd, path, st)):
                 raise _denied()
             os.set_blocking(fd, True)
@@ -128,7 +150,7 @@ class Admission:
         if not self.config.allow_write:
             raise TftpError(ErrorCode.ACCESS_VIOLATION,
                             "Access violation: writing is not enabled")
-        path = paths.real(paths.lexical(request.filename, self.config.write_root))
+        path = self._real(request.filename, self.config.write_root)
         if not self.policy.allowed(path):
             raise _denied()
         directory = os.path.dirname(path)
@@ -142,7 +164,9 @@ class Admission:
         except OSError:
             raise _denied()
         else:
-            if not stat.S_ISREG(st.st_mode) or not os.access(path, os.W_OK):
+            if not stat.S_ISREG(st.st_mode):    # a directory, FIFO, device...
+                raise TftpError(ErrorCode.FILE_EXISTS, "File already exists")
+            if not os.access(path, os.W_OK):
                 raise _denied()
             mode = stat.S_IMODE(st.st_mode)
         n = negotiate(Opcode.WRQ, request.options, self.limits)
@@ -155,6 +179,9 @@ class Admission:
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise TftpError(ErrorCode.DISK_FULL, "Disk full or allocation exceeded")
+            raise _denied()
+        if not _created_in(atomic.file.fileno(), directory):
+            atomic.abort()                 # the directory was swapped after the check
             raise _denied()
         sink: Union[AtomicFile, NetasciiSink] = NetasciiSink(atomic) if text else atomic
         return Plan(Opcode.WRQ, path, text, n, oack_packet(n.oack()) if n.acked else None,

@@ -131,6 +131,9 @@ FLAGS: Sequence[Flag] = (
     Flag(None, "daemon", None, "daemon", "with -p: detach and run in the background"),
     Flag(None, "pidfile", "FILE", "pidfile", "PID lock file for --daemon (default /run/tftpd.pid)",
          _text),
+    Flag(None, "check", None, "check",
+         "check PATH... (after the options) against the access file: print allowed or "
+         "denied and the deciding rule; exit 0 if all are allowed, 1 otherwise"),
     Flag(None, "help", None, "help", "show this help and exit"),
     Flag(None, "version", None, "version", "show the version and exit"),
 )
@@ -162,6 +165,8 @@ class Parsed:
     config: Config
     help: bool = False
     version: bool = False
+    check: bool = False             # --check PATH...
+    paths: Sequence[str] = ()
 
 
 def parse_args(argv: List[str]) -> Parsed:
@@ -176,7 +181,8 @@ def parse_args(argv: List[str]) -> Parsed:
         if "not a unique prefix" in e.msg:
             raise UsageError(f"{opt}: ambiguous option")
         raise UsageError(f"{opt}: unknown option")
-    if rest:
+    check = any(opt == "--check" for opt, _ in opts)
+    if rest and not check:
         raise UsageError(f"unexpected argument '{rest[0]}' (use --root DIR for the read root)")
     values: Dict[str, Any] = {}
     refused: set = set()
@@ -203,6 +209,10 @@ def parse_args(argv: List[str]) -> Parsed:
     if refused:
         values["refused"] = frozenset(refused)
     config = replace(Config(), **values)
+    if check:
+        if not rest:
+            raise UsageError("--check: needs at least one PATH to check")
+        return Parsed(config, check=True, paths=list(rest))
     if "root" not in values and not os.path.isdir(config.root):
         raise UsageError(f"--root: directory '{config.root}' (the default) does not exist")
     if config.daemon and config.port is None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import socket
 import stat
 import sys
 from typing import List, Optional
 
 from . import log as logsetup
-from .admission import RootsPolicy
+from . import privileges
+from .access import AccessTable
 from .cli import UsageError, fail, help_text, parse_args, version_text
 from .config import Config
 
@@ -32,14 +35,51 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stdout.write(version_text())
         return 0
     config = parsed.config
+    if parsed.check:
+        from .check import check
+        return check(config, parsed.paths)
+    if os.geteuid() == 0:
+        try:
+            privileges.lookup(config.user)
+        except privileges.PrivilegeError as e:
+            return fail(f"--user: {e}")
     if config.port is not None:
         return standalone(config)
     return inetd(config)
 
 
-def _policy(config: Config) -> RootsPolicy:
+def _policy(config: Config) -> AccessTable:
+    """The access table, loaded now so that the log shows what is enforced."""
     roots = [config.root] + ([config.write_dir] if config.write_dir else [])
-    return RootsPolicy(roots)
+    table = AccessTable(config.access_file, roots)
+    table.rules()
+    return table
+
+
+def _drop_privileges(config: Config) -> bool:
+    """After binding: become --user (if root); False means do not serve."""
+    log = logging.getLogger("tftpd")
+    try:
+        who = privileges.drop(config.user)
+    except privileges.PrivilegeError as e:
+        log.error("refusing to serve: %s", e)
+        return False
+    log.info("%s", who)
+    for d in [config.root] + ([config.write_dir] if config.write_dir else []):
+        if not os.access(d, os.R_OK | os.X_OK):
+            log.warning("%s is not readable by this user: nothing in it can be served", d)
+    return True
+
+
+def _reload_on_hup(table: AccessTable) -> None:
+    """SIGHUP: re-read the access file at the next request (chains a prior handler)."""
+    prior = signal.getsignal(signal.SIGHUP)
+
+    def on_hup(signum: int, frame: object) -> None:
+        table.invalidate()
+        if callable(prior):
+            prior(signum, frame)
+    signal.signal(signal.SIGHUP, on_hup)
 
 
 def standalone(config: Config) -> int:
@@ -52,8 +92,13 @@ def standalone(config: Config) -> int:
         where = f"{config.address or '*'} port {config.port}"
         sys.stderr.write(f"tftpd: cannot bind {where}: {e.strerror or e}\n")
         return 1
-    server = Server(config, [sock], _policy(config))
+    if not _drop_privileges(config):
+        sock.close()
+        return 1
+    table = _policy(config)
+    server = Server(config, [sock], table)
     server.install_signals()
+    _reload_on_hup(table)
     log.info("listening on %s (root %s)", show(sock.getsockname()), config.root)
     return server.serve()
 
@@ -95,6 +140,11 @@ def inetd(config: Config) -> int:
     os.close(null)
     from .server import Server
     logsetup.setup(stderr=stderr_ok, debug=config.socket_debug)
-    server = Server(config, [listen], _policy(config), idle_exit=True)
+    if not _drop_privileges(config):
+        listen.close()
+        return 1
+    table = _policy(config)
+    server = Server(config, [listen], table, idle_exit=True)
     server.install_signals()
+    _reload_on_hup(table)
     return server.serve()
