@@ -131,6 +131,8 @@ FLAGS: Sequence[Flag] = (
     Flag(None, "daemon", None, "daemon", "with -p: detach and run in the background"),
     Flag(None, "pidfile", "FILE", "pidfile", "PID lock file for --daemon (default /run/tftpd.pid)",
          _text),
+    Flag(None, "log-file", "FILE", "log_file",
+         "also log to FILE (appended; reopened on SIGHUP)", _text),
     Flag(None, "check", None, "check",
          "check PATH... (after the options) against the access file: print allowed or "
          "denied and the deciding rule; exit 0 if all are allowed, 1 otherwise"),

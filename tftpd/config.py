@@ -32,6 +32,7 @@ class Config:
     access_file: str = "/etc/tftpaccess.ctl"
     daemon: bool = False
     pidfile: str = "/run/tftpd.pid"
+    log_file: Optional[str] = None         # --log-file (reopened on SIGHUP)
 
     @property
     def limits(self) -> Limits:

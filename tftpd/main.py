@@ -8,7 +8,7 @@ import signal
 import socket
 import stat
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from . import log as logsetup
 from . import privileges
@@ -82,9 +82,20 @@ def _reload_on_hup(table: AccessTable) -> None:
     signal.signal(signal.SIGHUP, on_hup)
 
 
+def _setup_log(config: Config, stderr: bool) -> bool:
+    try:
+        logsetup.setup(stderr=stderr, debug=config.socket_debug, log_file=config.log_file)
+    except OSError as e:
+        sys.stderr.write(f"tftpd: --log-file: cannot open '{config.log_file}': "
+                         f"{e.strerror or e}\n")
+        return False
+    return True
+
+
 def standalone(config: Config) -> int:
-    from .server import Server, bind_standalone, show
-    log = logsetup.setup(stderr=True, debug=config.socket_debug)
+    from .server import bind_standalone
+    if not _setup_log(config, stderr=True):
+        return 1
     assert config.port is not None
     try:
         sock = bind_standalone(config.port, config.address)
@@ -92,6 +103,20 @@ def standalone(config: Config) -> int:
         where = f"{config.address or '*'} port {config.port}"
         sys.stderr.write(f"tftpd: cannot bind {where}: {e.strerror or e}\n")
         return 1
+    if config.daemon:
+        # Bound in the foreground (errors above reach the terminal); now detach.
+        from dataclasses import replace
+        from . import daemonize
+        absolute = replace(config, access_file=os.path.abspath(config.access_file))
+        return daemonize.run(config.pidfile, sock,
+                             lambda ready: _serve_standalone(absolute, sock, ready))
+    return _serve_standalone(config, sock)
+
+
+def _serve_standalone(config: Config, sock: socket.socket,
+                      ready: Optional[Callable[[], None]] = None) -> int:
+    from .server import Server, show
+    log = logging.getLogger("tftpd")
     if not _drop_privileges(config):
         sock.close()
         return 1
@@ -100,6 +125,8 @@ def standalone(config: Config) -> int:
     server.install_signals()
     _reload_on_hup(table)
     log.info("listening on %s (root %s)", show(sock.getsockname()), config.root)
+    if ready is not None:
+        ready()
     return server.serve()
 
 
@@ -112,15 +139,21 @@ def _listen_fd() -> int:
     return 0
 
 
+def _not_a_socket() -> int:
+    """One line (no usage): someone ran tftpd by hand without -p."""
+    sys.stderr.write(f"tftpd: {NOT_A_SOCKET}\n")
+    return 2
+
+
 def inetd(config: Config) -> int:
     fd = _listen_fd()
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
-        return fail(NOT_A_SOCKET)
-    if sock.type != socket.SOCK_DGRAM:
+        return _not_a_socket()
+    if sock.type != socket.SOCK_DGRAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
         sock.detach()
-        return fail(NOT_A_SOCKET)
+        return _not_a_socket()
     listen = sock.dup()
     sock.detach()
     # inetd gives the socket as fds 0, 1 and 2: nothing may be written to it.
@@ -139,7 +172,9 @@ def inetd(config: Config) -> int:
                 stderr_ok = False
     os.close(null)
     from .server import Server
-    logsetup.setup(stderr=stderr_ok, debug=config.socket_debug)
+    if not _setup_log(config, stderr=stderr_ok):
+        listen.close()
+        return 1
     if not _drop_privileges(config):
         listen.close()
         return 1
