@@ -22,10 +22,12 @@ import time
 from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional, Set, Tuple
 
+from . import log as logsetup
 from . import paths
 from .admission import Admission, Plan, Policy
 from .config import Config
 from .packets import ErrorCode, MalformedPacket, Opcode, Request, TftpError, decode
+from .trace import Trace, describe, tracer
 from .transfer import Outcome, Receiver, Rto, Sender
 from .worker import drive, make_transmit
 
@@ -176,6 +178,9 @@ class Server:
         self.last_activity = time.monotonic()
         self.dropped = 0
         self._drop_logged = 0.0
+        self.debug = config.socket_debug           # -s; SIGUSR1 on, SIGUSR2 off
+        self._want_debug: Optional[bool] = None    # set by a signal, applied by the loop
+        self._want_reopen = False                  # SIGHUP
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -191,9 +196,38 @@ class Server:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        # AIX's SRC trace: SIGUSR1 turns socket debugging on, SIGUSR2 off.
+        signal.signal(signal.SIGUSR1, self._on_debug_signal)
+        signal.signal(signal.SIGUSR2, self._on_debug_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop(force=self.stopping > 0)
+
+    # The handlers below only record the wish; the request loop acts on it
+    # (woken by the signal wake-up fd), outside any logging call in progress.
+    def _on_debug_signal(self, signum: int, frame: object) -> None:
+        self._want_debug = signum == signal.SIGUSR1
+
+    def _on_hup(self, signum: int, frame: object) -> None:
+        self._want_reopen = True
+
+    def _apply_control(self) -> None:
+        want, self._want_debug = self._want_debug, None
+        if want is not None:
+            self.set_debug(want)
+        if self._want_reopen:
+            self._want_reopen = False
+            logsetup.reopen()
+            log.info("SIGHUP: logs reopened, access file will be re-read")
+
+    def set_debug(self, on: bool) -> None:
+        """Socket-level debugging (SO_DEBUG and the packet trace) on or off."""
+        self.debug = on
+        logsetup.set_debug(on)
+        for s in self.sockets:
+            _so_debug(s, on)
+        log.info("socket debugging %s", "on" if on else "off")
 
     def stop(self, force: bool = False) -> None:
         """Stop taking requests; a forced stop also ends running transfers."""
@@ -238,6 +272,7 @@ class Server:
                 pass
         except OSError:
             pass
+        self._apply_control()
 
     def _shutdown(self) -> int:
         for s in self.sockets:
@@ -278,13 +313,15 @@ class Server:
         try:
             packet = decode(data)
         except MalformedPacket:
-            if self.config.socket_debug:
+            if self.debug:
                 log.debug("dropped malformed datagram from %s", show(peer))
             return
         if not isinstance(packet, Request):
-            if self.config.socket_debug:
+            if self.debug:
                 log.debug("dropped non-request from %s", show(peer))
             return
+        if self.debug:
+            log.debug("trace %s < %s", show(peer), describe((data,)))
         self.last_activity = time.monotonic()
         local, ifindex = local_address(sock, anc)
         peer, bind, family = _normalise(peer, local, ifindex, sock.family)
@@ -325,36 +362,40 @@ class Server:
         who = f"{show(job.peer)} " if self.config.log_address else ""
         sock = socket.socket(job.family, socket.SOCK_DGRAM)
         plan: Optional[Plan] = None
+        trace = tracer(show) if self.debug else None
         try:
             sock.bind(job.local)
-            if self.config.socket_debug:
+            if trace is not None:
                 _so_debug(sock)
             if self.stopping >= 2:
                 return
             try:
                 plan = self.admission.admit(req)
             except TftpError as e:
+                if trace is not None:
+                    trace(">", job.peer, (e.packet(),))
                 sock.sendto(e.packet(), job.peer)
                 log.warning("%s%s %s refused: %s", who, kind, name, e.message)
                 return
-            engine = self._engine(plan, sock, job.peer)
+            engine = self._engine(plan, sock, job.peer, trace)
             with self.lock:
                 self.transfer_socks[job.peer] = sock
             if self.stopping >= 2:
                 return
             start = time.monotonic()
-            drive(engine, sock)
+            drive(engine, sock, trace=trace)
             self._report(engine, plan, job, kind, name, who, start)
         finally:
             if plan is not None:
                 plan.close()
             sock.close()
 
-    def _engine(self, plan: Plan, sock: socket.socket, peer: Tuple):
+    def _engine(self, plan: Plan, sock: socket.socket, peer: Tuple,
+                trace: Optional[Trace] = None):
         n = plan.negotiated
         cfg = self.config
         rto = Rto(n.timeout, fixed=True) if n.timeout else Rto(cfg.timeout)
-        transmit = make_transmit(sock)
+        transmit = make_transmit(sock, trace)
         if plan.opcode == Opcode.RRQ:
             assert plan.source is not None
             return Sender(plan.source, peer, transmit, blksize=n.blksize,
@@ -371,10 +412,9 @@ class Server:
         end = engine.completed_at or time.monotonic()
         if engine.outcome is Outcome.OK:
             if self.config.verbose:
-                opts = " ".join(f"{k.decode()}={v.decode()}" for k, v in plan.negotiated.acked)
-                log.info("%s from %s %s %s: %d bytes in %.3f s%s", kind, show(job.peer),
-                         "sent" if kind == "RRQ" else "received", name, engine.bytes,
-                         end - start, f" ({opts})" if opts else "")
+                log.info("%s from %s %s: %s %d bytes in %.3f s (%s)", kind, show(job.peer),
+                         name, "sent" if kind == "RRQ" else "received", engine.bytes,
+                         end - start, _in_force(plan))
         elif engine.outcome is Outcome.PEER_ERROR:
             log.info("%s%s %s ended by client: %s", who, kind, name, engine.message)
         else:
@@ -382,9 +422,27 @@ class Server:
                         engine.bytes, engine.message)
 
 
-def _so_debug(sock: socket.socket) -> None:
+def _in_force(plan: Plan) -> str:
+    """The -v summary of a transfer's options: mode, blksize and windowsize
+    always, then every option acknowledged in the OACK, then which ones were
+    negotiated ("mode=octet blksize=1024 windowsize=1 tsize=7; negotiated:
+    blksize tsize")."""
+    n = plan.negotiated
+    acked = [(k.decode("ascii", "replace").lower(), v.decode("ascii", "replace"))
+             for k, v in n.acked]
+    parts = [f"mode={'netascii' if plan.netascii else 'octet'}",
+             f"blksize={n.blksize}", f"windowsize={n.windowsize}"]
+    parts += [f"{k}={v}" for k, v in acked if k not in ("blksize", "windowsize")]
+    text = " ".join(parts)
+    if acked:
+        text += "; negotiated: " + " ".join(k for k, _ in acked)
+    return text
+
+
+def _so_debug(sock: socket.socket, on: bool = True) -> None:
+    """SO_DEBUG (Linux: needs CAP_NET_ADMIN; quietly skipped without it)."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_DEBUG, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_DEBUG, 1 if on else 0)
     except OSError:
         pass
 

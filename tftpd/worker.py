@@ -12,9 +12,10 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 from .packets import ErrorCode
+from .trace import Trace
 from .transfer import Address, Receiver, Sender
 
 __all__ = ["drive", "make_transmit"]
@@ -25,7 +26,8 @@ Buffer = Union[bytes, bytearray, memoryview]
 _RECV_SIZE = 65536 + 4
 
 
-def make_transmit(sock: socket.socket) -> Callable[[Sequence[Buffer], Address], None]:
+def make_transmit(sock: socket.socket, trace: Optional[Trace] = None
+                  ) -> Callable[[Sequence[Buffer], Address], None]:
     sendmsg = sock.sendmsg
 
     def transmit(buffers: Sequence[Buffer], addr: Address) -> None:
@@ -35,7 +37,13 @@ def make_transmit(sock: socket.socket) -> Callable[[Sequence[Buffer], Address], 
             pass   # a lost datagram: the timer will resend it
         except OSError:
             pass
-    return transmit
+    if trace is None:
+        return transmit
+
+    def traced(buffers: Sequence[Buffer], addr: Address) -> None:   # -s only
+        trace(">", addr, buffers)
+        transmit(buffers, addr)
+    return traced
 
 
 def _set_timeout(sock: socket.socket, ms: int) -> None:
@@ -44,16 +52,24 @@ def _set_timeout(sock: socket.socket, ms: int) -> None:
 
 
 def drive(engine: Engine, sock: socket.socket,
-          clock: Callable[[], float] = time.monotonic) -> None:
+          clock: Callable[[], float] = time.monotonic,
+          trace: Optional[Trace] = None) -> None:
     """Run a transfer until it ends.
 
     ``sock.shutdown(SHUT_RD)`` from another thread makes the transfer end at
-    once with an ERROR to the peer (a forced stop).
+    once with an ERROR to the peer (a forced stop).  ``trace`` (``-s``) sees
+    every datagram received; without it the loop is untouched.
     """
     buf = bytearray(_RECV_SIZE)
     view = memoryview(buf)
     recv = sock.recvfrom_into
     receive = engine.receive
+    if trace is not None:
+        untraced = receive
+
+        def receive(data: memoryview, addr: Address, now: float) -> None:  # type: ignore[misc]
+            trace("<", addr, (data,))
+            untraced(data, addr, now)
     inf = float("inf")
     current_ms = -1
     engine.start(clock())
