@@ -173,7 +173,7 @@ class Server:
         self.pool = Pool(config.max_threads, config.queue_limit, self._run)
         self.lock = threading.Lock()
         self.active: Set[Tuple] = set()            # peers with a queued or running transfer
-        self.transfer_socks: Dict[Tuple, socket.socket] = {}
+        self.transfers: Dict[Tuple, Tuple[socket.socket, object]] = {}  # peer -> (sock, engine)
         self.stopping = 0                          # 1: graceful, 2: forced
         self.last_activity = time.monotonic()
         self.dropped = 0
@@ -283,20 +283,24 @@ class Server:
         if self.stopping and self.pool.pending():
             log.info("stopping: waiting for %d transfer(s) to finish", self.pool.pending())
         while not self.pool.close(timeout=0.2):
-            if self.stopping >= 2:
-                self._force_stop()
+            self._end_transfers(every=self.stopping >= 2)
         return 0
 
-    def _force_stop(self) -> None:
-        for job in self.pool.drop_queued():
-            self._release(job.peer)
+    def _end_transfers(self, every: bool) -> None:
+        """End transfers at once: all of them (a forced stop, with an ERROR to
+        each peer), or only those that have finished and are dallying for a
+        lost final ACK (a graceful stop need not wait for those)."""
+        if every:
+            for job in self.pool.drop_queued():
+                self._release(job.peer)
         with self.lock:
-            socks = list(self.transfer_socks.values())
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
+            running = list(self.transfers.values())
+        for sock, engine in running:
+            if every or getattr(engine, "outcome", Outcome.RUNNING) is not Outcome.RUNNING:
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
 
     def _read_requests(self, sock: socket.socket, buf: bytearray) -> None:
         for _ in range(256):              # bounded batch per wake-up
@@ -343,7 +347,7 @@ class Server:
     def _release(self, peer: Tuple) -> None:
         with self.lock:
             self.active.discard(peer)
-            self.transfer_socks.pop(peer, None)
+            self.transfers.pop(peer, None)
         self.last_activity = time.monotonic()
 
     # -- one transfer (in a worker thread) ---------------------------------
@@ -379,7 +383,7 @@ class Server:
                 return
             engine = self._engine(plan, sock, job.peer, trace)
             with self.lock:
-                self.transfer_socks[job.peer] = sock
+                self.transfers[job.peer] = (sock, engine)
             if self.stopping >= 2:
                 return
             start = time.monotonic()

@@ -1,0 +1,813 @@
+"""Integration tests: the real server process on 127.0.0.1 and ::1, driven by a
+scripted peer (tests/tftpclient.py) over real UDP sockets.
+
+Every wait is bounded.  Packets go only to 127.0.0.1 and ::1.  Where a test
+counts packets, the client asks for a fixed ``timeout`` so that no timer
+retransmission can blur the count on a loaded machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+from conftest import ROOT, ServerProcess, start_server
+from tftpclient import (ACK, DATA, ERROR, OACK, Peer, PeerTimeout, ack, data, error,
+                        rrq, wrq)
+
+HOSTS = ["127.0.0.1", "::1"]
+FAMILY_IDS = ["v4", "v6"]
+SIZES = [0, 511, 512, 513]
+BIG = 40 * 1024 * 1024            # 81920 blocks of 512: the block number wraps
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    """Deterministic bytes that differ from block to block."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(b"%d:%d" % (seed, counter)).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+def put(root: Path, name: str, content: bytes, mode: int = 0o644) -> Path:
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    path.chmod(mode)
+    return path
+
+
+def temp_files(directory: Path) -> List[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(".tftpd-"))
+
+
+def wait_until(check, timeout: float = 10.0, step: float = 0.02) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(step)
+    return check()
+
+
+def udp_local_address(port: int) -> Optional[str]:
+    """The local address a UDP socket of this machine on ``port`` is bound to."""
+    for table, family in (("/proc/net/udp", socket.AF_INET), ("/proc/net/udp6", socket.AF_INET6)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local = line.split()[1]
+            hexaddr, hexport = local.split(":")
+            if int(hexport, 16) != port:
+                continue
+            raw = bytes.fromhex(hexaddr)
+            # each 32-bit word is in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            return socket.inet_ntop(family, raw)
+    return None
+
+
+def hermetic(base: Path) -> List[str]:
+    """As the conftest fixture does: no host access file; stay root (tmp dirs are 0700)."""
+    return ["--access-file", str(base / "no-tftpaccess.ctl"), "--user", "root"]
+
+
+@pytest.fixture(params=HOSTS, ids=FAMILY_IDS)
+def host(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module", params=HOSTS, ids=FAMILY_IDS)
+def shared(request, tmp_path_factory):
+    """One server per address family for tests that do not change its state:
+    ``-n -v`` with a read root full of test files and a separate upload dir."""
+    base = tmp_path_factory.mktemp("shared")
+    root = base / "root"
+    root.mkdir()
+    upload = base / "upload"
+    upload.mkdir()
+    for size in SIZES + [5000]:
+        put(root, f"f{size}.bin", payload(size, size))
+    put(root, "secret.bin", b"private\n", 0o600)
+    (root / "dir").mkdir()
+    put(root, "sub/dir/deep.txt", b"deep\n")
+    put(base, "outside.txt", b"outside the root\n")
+    os.symlink(base / "outside.txt", root / "escape.txt")
+    server = start_server(["-n", "-v", "-d", str(upload)] + hermetic(base), root, request.param)
+    server.upload = upload  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+# -- plain transfers -----------------------------------------------------------
+@pytest.mark.parametrize("size", SIZES + [5000])
+def test_rrq_sizes(shared: ServerProcess, size: int) -> None:
+    expected = (shared.root / f"f{size}.bin").read_bytes()
+    with Peer(shared.addr) as peer:
+        res = peer.download(f"f{size}.bin")
+    assert res.error is None
+    assert sha(res.data) == sha(expected)
+    assert res.data_packets == size // 512 + 1   # a 512-byte file ends with an empty DATA
+    assert res.oack is None
+    # each transfer on its own socket, from the address the request was sent to
+    assert res.tid[0] == shared.host and res.tid[1] != shared.port
+
+
+@pytest.mark.parametrize("size", SIZES + [5000])
+def test_wrq_sizes(shared: ServerProcess, size: int) -> None:
+    content = payload(size, 1000 + size)
+    name = f"up{size}.bin"
+    with Peer(shared.addr) as peer:
+        res = peer.upload(name, content)
+    assert res.error is None
+    assert res.tid[0] == shared.host and res.tid[1] != shared.port
+    target = shared.upload / name
+    # the file is renamed into place before the last ACK is sent
+    assert target.exists()
+    assert file_sha(target) == sha(content)
+    assert temp_files(shared.upload) == []
+    sent = [e for e in peer.events if e.direction == "send" and e.op == DATA]
+    assert len(sent) == size // 512 + 1
+
+
+def test_rrq_subdirectory_and_absolute_name(shared: ServerProcess) -> None:
+    with Peer(shared.addr) as peer:
+        res = peer.download("sub/dir/deep.txt")
+    assert res.error is None and res.data == b"deep\n"
+    with Peer(shared.addr) as peer:
+        res = peer.download(str(shared.root / "sub" / "dir" / "deep.txt"))
+    assert res.error is None and res.data == b"deep\n"
+
+
+def test_options_acknowledged(shared: ServerProcess) -> None:
+    content = (shared.root / "f5000.bin").read_bytes()
+    with Peer(shared.addr) as peer:
+        res = peer.download("f5000.bin", options={"BlkSize": "1024", "tsize": "0",
+                                                  "timeout": "3", "windowsize": "4"})
+    assert res.error is None
+    assert res.oack == {"blksize": "1024", "tsize": str(len(content)),
+                        "timeout": "3", "windowsize": "4"}
+    assert sha(res.data) == sha(content)
+    assert res.data_packets == 5
+
+
+def test_netascii_rrq_and_tsize(shared: ServerProcess) -> None:
+    text = b"line one\nline two\r\nbare\rcr\n"
+    put(shared.root, "text.txt", text)
+    wire = text.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
+    with Peer(shared.addr) as peer:
+        res = peer.download("text.txt", mode="NetASCII", options={"tsize": "0"})
+    assert res.error is None
+    assert res.data == wire
+    assert res.oack == {"tsize": str(len(wire))}
+
+
+def test_netascii_wrq(shared: ServerProcess) -> None:
+    text = b"a\nb\r\nc\rd\n" * 200
+    wire = text.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
+    with Peer(shared.addr) as peer:
+        res = peer.upload("text-up.txt", wire, mode="netascii")
+    assert res.error is None
+    assert (shared.upload / "text-up.txt").read_bytes() == text
+
+
+# -- errors ----------------------------------------------------------------------
+def _refused(server: ServerProcess, packet: bytes) -> List:
+    """Send one request; return every packet that answers it within 0.6 s."""
+    with Peer(server.addr) as peer:
+        peer.send(packet)
+        first = peer.recv(5.0)
+        assert first is not None, "no answer to a refused request"
+        rest = peer.listen(0.6)
+    return [first] + rest
+
+
+ERROR_CASES = [
+    ("missing", rrq("no-such-file.bin"), 1),
+    ("missing-dir", rrq("no/such/dir.bin"), 1),
+    ("dotdot", rrq("../outside.txt"), 2),
+    ("dotdot-deep", rrq("sub/../../outside.txt"), 2),
+    ("absolute-outside", rrq("/etc/passwd"), 2),
+    ("symlink-out", rrq("escape.txt"), 2),
+    ("mode-0600", rrq("secret.bin"), 2),
+    ("directory", rrq("dir"), 2),
+    ("directory-slash", rrq("dir/"), 2),
+    ("rrq-mail", rrq("f511.bin", "mail"), 4),
+    ("rrq-bogus-mode", rrq("f511.bin", "binary"), 4),
+    ("wrq-mail", wrq("new.bin", "mail"), 4),
+    ("wrq-outside", wrq("../escaped.bin"), 2),
+    ("wrq-absolute-outside", wrq("/tmp/tftpd-escaped.bin"), 2),
+    ("wrq-tsize-too-big", wrq("huge.bin", options={"tsize": str(10 ** 19)}), 3),
+]
+
+
+def test_refused_requests_get_exactly_one_error(shared: ServerProcess) -> None:
+    """Every refusal path at once, one client each: one ERROR with the right code."""
+    peers = {case: Peer(shared.addr) for case, _, _ in ERROR_CASES}
+    try:
+        for case, packet, _ in ERROR_CASES:
+            peers[case].send(packet)
+        answers = {}
+        for case, _, _ in ERROR_CASES:
+            first = peers[case].recv(5.0)
+            answers[case] = [first] if first else []
+        time.sleep(0.5)                  # room for a (wrong) second answer
+        for case, _, _ in ERROR_CASES:
+            answers[case] += peers[case].listen(0.05)
+    finally:
+        for peer in peers.values():
+            peer.close()
+    wrong = {}
+    for case, _, code in ERROR_CASES:
+        got = [(p.op, p.code) for p, _ in answers[case]]
+        if got != [(ERROR, code)]:
+            wrong[case] = got
+    assert wrong == {}, f"expected one ERROR each; got {wrong}"
+    for case, _, _ in ERROR_CASES:
+        pkt, addr = answers[case][0]
+        assert addr[0] == shared.host
+        # never reveal paths the client did not ask for
+        assert str(shared.root.parent) not in pkt.message, (case, pkt.message)
+    assert not (shared.upload.parent / "escaped.bin").exists()
+    assert not (shared.root.parent / "escaped.bin").exists()
+    assert not Path("/tmp/tftpd-escaped.bin").exists()
+    assert not (shared.upload / "huge.bin").exists()
+    assert not (shared.upload / "new.bin").exists()
+    assert temp_files(shared.upload) == []
+
+
+def test_wrq_without_n_is_access_violation(tftpd_server, tmp_path: Path, host: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    put(root, "old.bin", b"old")
+    server = tftpd_server(root=root, host=host)
+    for name in ("new.bin", "old.bin"):
+        answers = _refused(server, wrq(name))
+        assert [(p.op, p.code) for p, _ in answers] == [(ERROR, 2)]
+    assert sorted(p.name for p in root.iterdir()) == ["old.bin"]
+    assert (root / "old.bin").read_bytes() == b"old"
+
+
+def test_wrq_tsize_that_fits_is_acknowledged(shared: ServerProcess) -> None:
+    content = payload(3000, 7)
+    with Peer(shared.addr) as peer:
+        res = peer.upload("fits.bin", content, options={"tsize": str(len(content))})
+    assert res.error is None and res.oack == {"tsize": "3000"}
+    assert file_sha(shared.upload / "fits.bin") == sha(content)
+
+
+# -- bad option values -------------------------------------------------------------
+BAD_OPTIONS = [
+    ("blksize", "7"), ("blksize", "65465"), ("blksize", "abc"), ("blksize", "-1"),
+    ("blksize", ""), ("blksize", "1e3"), ("blksize", " 512"), ("blksize", "0x200"),
+    ("blksize", "99999999999999999999999"),
+    ("timeout", "0"), ("timeout", "256"), ("timeout", "abc"), ("timeout", "-5"),
+    ("timeout", "1.5"),
+    ("windowsize", "0"), ("windowsize", "65536"), ("windowsize", "x"),
+    ("tsize", "abc"), ("tsize", "-1"),
+    ("rollover", "2"),
+]
+
+
+@pytest.mark.parametrize("name,value", BAD_OPTIONS,
+                         ids=[f"{n}={v!r}" for n, v in BAD_OPTIONS])
+def test_bad_option_value_is_ignored(shared: ServerProcess, name: str, value: str) -> None:
+    good = ("tsize", "0") if name != "tsize" else ("blksize", "600")
+    content = (shared.root / "f5000.bin").read_bytes()
+    with Peer(shared.addr) as peer:
+        res = peer.download("f5000.bin", options={name: value, good[0]: good[1]})
+    assert res.error is None
+    expected_oack = {"tsize": "5000"} if good[0] == "tsize" else {"blksize": "600"}
+    assert res.oack == expected_oack
+    assert sha(res.data) == sha(content)
+    sizes = {len(e.raw) - 4 for e in peer.received(DATA)}
+    assert max(sizes) == (512 if good[0] == "tsize" else 600)
+
+
+def test_only_bad_options_means_no_oack(shared: ServerProcess) -> None:
+    with Peer(shared.addr) as peer:
+        res = peer.download("f513.bin", options={"blksize": "abc", "timeout": "0",
+                                                 "windowsize": "0", "x-unknown": "1"})
+    assert res.error is None and res.oack is None
+    assert res.data == (shared.root / "f513.bin").read_bytes()
+    assert peer.received(OACK) == []
+
+
+def test_blksize_capped_by_z(tftpd_server, tmp_path: Path, host: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    content = put(root, "f.bin", payload(3000)).read_bytes()
+    server = tftpd_server("-z", "1024", root=root, host=host)
+    with Peer(server.addr) as peer:
+        res = peer.download("f.bin", options={"blksize": "8192"})
+    assert res.oack == {"blksize": "1024"} and res.data == content
+
+
+def test_refused_option_is_ignored(tftpd_server, tmp_path: Path, host: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    content = put(root, "f.bin", payload(3000)).read_bytes()
+    server = tftpd_server("-r", "blksize", "-r", "tsize", root=root, host=host)
+    with Peer(server.addr) as peer:
+        res = peer.download("f.bin", options={"blksize": "1024", "tsize": "0",
+                                              "timeout": "2"})
+    assert res.error is None and res.oack == {"timeout": "2"} and res.data == content
+
+
+# -- junk on the request port ---------------------------------------------------------
+JUNK = [
+    b"", b"\x00", b"\x01", b"\x00\x01", b"\x00\x01f", b"\x01\x02\x03",
+    b"\x00\x00file\x00octet\x00",                  # opcode 0
+    b"\x00\x03\x00\x01some data",                   # DATA
+    b"\x00\x04\x00\x01",                            # ACK
+    b"\x00\x05\x00\x01oops\x00",                    # ERROR
+    b"\x00\x06blksize\x00512\x00",                  # OACK
+    b"\x00\x07file\x00octet\x00",                   # opcode 7
+    b"\xff\xfffile\x00octet\x00",                   # opcode 0xFFFF
+    b"\x00\x01f511.bin octet",                      # RRQ without any NUL
+    b"\x00\x02new.bin octet",                       # WRQ without any NUL
+    b"\x00\x01f511.bin\x00octet",                   # mode not terminated
+    b"\x00\x01f511.bin\x00",                        # no mode
+    b"\x00\x01\x00octet\x00",                       # empty file name
+    b"\x00\x01f511.bin\x00\x00",                    # empty mode
+]
+
+
+def test_junk_on_request_port_gets_no_reply(shared: ServerProcess) -> None:
+    peers = [Peer(shared.addr) for _ in JUNK]
+    try:
+        for peer, junk in zip(peers, JUNK):
+            peer.send(junk)
+        deadline = time.monotonic() + 0.8
+        for peer, junk in zip(peers, JUNK):
+            got = peer.recv_raw(max(0.0, deadline - time.monotonic()))
+            assert got is None, f"junk {junk!r} was answered with {got!r}"
+    finally:
+        for peer in peers:
+            peer.close()
+    # the server is alive and still serves
+    with Peer(shared.addr) as peer:
+        res = peer.download("f511.bin")
+    assert res.error is None and len(res.data) == 511
+    assert not (shared.upload / "new.bin").exists()
+
+
+# -- retransmission behaviour ---------------------------------------------------------
+def test_duplicate_acks_do_not_cause_duplicate_data(shared: ServerProcess) -> None:
+    """Sorcerer's Apprentice: every ACK sent three times, still one DATA per block."""
+    content = (shared.root / "f5000.bin").read_bytes()
+    with Peer(shared.addr) as peer:
+        res = peer.download("f5000.bin", options={"timeout": "10"}, ack_copies=3)
+        extra = peer.listen(0.5)
+    assert res.error is None and res.data == content
+    assert res.timeouts == 0
+    blocks = [e.block for e in peer.received(DATA)]
+    assert blocks == list(range(1, 11)), blocks
+    assert extra == []
+
+
+def test_duplicate_ack_mid_transfer_sends_nothing(shared: ServerProcess) -> None:
+    content = (shared.root / "f5000.bin").read_bytes()
+    with Peer(shared.addr) as peer:
+        peer.send(rrq("f5000.bin", options={"timeout": "10"}))
+        oack, tid = peer.expect(op=OACK)
+        peer.send(ack(0), tid)
+        d1, _ = peer.expect(op=DATA)
+        assert d1.block == 1
+        peer.send(ack(1), tid)
+        d2, _ = peer.expect(op=DATA)
+        assert d2.block == 2
+        for _ in range(5):
+            peer.send(ack(1), tid)      # stale ACKs
+            peer.send(ack(0), tid)
+        assert peer.listen(0.5) == [], "a duplicate ACK caused a retransmission"
+        got = bytearray(d1.payload + d2.payload)
+        block = 2
+        for _ in range(20):
+            peer.send(ack(block), tid)
+            pkt, _ = peer.expect(op=DATA)
+            assert pkt.block == block + 1
+            got += pkt.payload
+            block += 1
+            if len(pkt.payload) < 512:
+                peer.send(ack(block), tid)
+                break
+    assert bytes(got) == content
+
+
+@pytest.mark.parametrize("kind", ["RRQ", "WRQ"])
+def test_wrong_tid_gets_error_5_and_transfer_continues(shared: ServerProcess, kind: str) -> None:
+    content = payload(5000, 42)
+    name = "f5000.bin" if kind == "RRQ" else "tid-up.bin"
+    if kind == "RRQ":
+        content = (shared.root / name).read_bytes()
+    with Peer(shared.addr) as peer, Peer(shared.addr) as intruder:
+        opts = {"timeout": "10"}
+        peer.send(rrq(name, options=opts) if kind == "RRQ" else wrq(name, options=opts))
+        first, tid = peer.expect(op=OACK)
+        if kind == "RRQ":
+            peer.send(ack(0), tid)
+            d1, _ = peer.expect(op=DATA)
+            # strangers: an ACK, a DATA, a junk datagram, all to the transfer's port
+            for stray in (ack(1), data(1, b"x"), b"\x00\x09junk"):
+                intruder.send(stray, tid)
+                pkt, addr = intruder.expect(op=ERROR, what="ERROR 5")
+                assert pkt.code == 5 and addr == tid
+            # an ERROR from a stranger is not answered (no error loops)
+            intruder.send(error(0, "go away"), tid)
+            assert intruder.listen(0.3) == []
+            assert peer.listen(0.3) == [], "the stray packets disturbed the transfer"
+            got = bytearray(d1.payload)
+            block = 1
+            for _ in range(20):
+                peer.send(ack(block), tid)
+                pkt, addr = peer.expect(op=DATA)
+                assert addr == tid and pkt.block == block + 1
+                got += pkt.payload
+                block += 1
+                if len(pkt.payload) < 512:
+                    peer.send(ack(block), tid)
+                    break
+            assert bytes(got) == content
+        else:
+            for index in range(1, 11):
+                chunk = content[(index - 1) * 512:index * 512]
+                peer.send(data(index, chunk), tid)
+                if index == 3:
+                    intruder.send(data(4, b"evil" * 128), tid)
+                    pkt, _ = intruder.expect(op=ERROR, what="ERROR 5")
+                    assert pkt.code == 5
+                pkt, addr = peer.expect(op=ACK)
+                assert addr == tid and pkt.block == index
+            assert file_sha(shared.upload / name) == sha(content)
+
+
+def test_duplicate_request_while_running_is_not_a_second_transfer(shared: ServerProcess) -> None:
+    content = (shared.root / "f5000.bin").read_bytes()
+    with Peer(shared.addr) as peer:
+        request = rrq("f5000.bin", options={"timeout": "10"})
+        peer.send(request)
+        _, tid = peer.expect(op=OACK)
+        for _ in range(3):
+            peer.send(request)           # a client retransmitting its request
+        assert peer.listen(0.5) == [], "the repeated request got an answer"
+        peer.send(ack(0), tid)
+        got = bytearray()
+        block = 0
+        for _ in range(20):
+            pkt, addr = peer.expect(op=DATA)
+            assert addr == tid
+            got += pkt.payload
+            block += 1
+            peer.send(ack(block), tid)
+            if len(pkt.payload) < 512:
+                break
+        assert peer.listen(0.3) == []
+    assert bytes(got) == content
+    assert peer.sources() == {tid}
+    port = peer.port
+    assert wait_until(lambda: any(f":{port} " in l and "f5000.bin" in l for l in shared.lines))
+    assert sum(f":{port} " in l for l in shared.lines) == 1, shared.log()
+
+
+def test_peer_that_never_acks(tftpd_server, tmp_path: Path, host: str) -> None:
+    """The server gives up after the retry limit and its only worker is free again."""
+    root = tmp_path / "root"
+    root.mkdir()
+    content = put(root, "f.bin", payload(3000)).read_bytes()
+    server = tftpd_server("-c", "1", "-t", "0.1", "-x", "3", "-v", root=root, host=host)
+    with Peer(server.addr) as silent, Peer(server.addr) as waiting:
+        silent.send(rrq("f.bin"))
+        first, tid = silent.expect(op=DATA)
+        # a second client while the only worker is busy: queued, then served
+        # (its fixed timeout keeps its OACK from being retransmitted meanwhile)
+        waiting.send(rrq("f.bin", options={"timeout": "10"}))
+        server.wait_for_log(r"RRQ f\.bin failed after 0 bytes")
+        copies = [first] + [p for p, _ in silent.listen(0.5, limit=50)]
+        assert all(p.op == DATA and p.block == 1 for p in copies)
+        # never answered: the first DATA goes out at most 3 times (the -x limit and
+        # the smaller limit for a peer that has never answered), and at least twice
+        assert 2 <= len(copies) <= 3, [p.block for p in copies]
+        # the queued client is served in full
+        _, tid2 = waiting.expect(op=OACK, timeout=5.0)
+        assert tid2 != tid
+        waiting.send(ack(0), tid2)
+        got = bytearray()
+        for block in range(1, 20):
+            pkt, _ = waiting.expect(op=DATA)
+            assert pkt.block == block
+            got += pkt.payload
+            waiting.send(ack(block), tid2)
+            if len(pkt.payload) < 512:
+                break
+        assert bytes(got) == content
+    # and a new request works
+    with Peer(server.addr) as peer:
+        res = peer.download("f.bin")
+    assert res.error is None and res.data == content
+
+
+def test_answered_peer_gets_more_retries_than_a_silent_one(tftpd_server, tmp_path: Path,
+                                                            host: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    put(root, "f.bin", payload(3000))
+    server = tftpd_server("-t", "0.05", "-x", "5", root=root, host=host)
+    with Peer(server.addr) as silent:
+        silent.send(rrq("f.bin"))
+        server.wait_for_log(r"failed after 0 bytes")
+        unanswered = silent.listen(0.3, limit=50)
+    with Peer(server.addr) as peer:
+        peer.send(rrq("f.bin"))
+        _, tid = peer.expect(op=DATA)
+        peer.send(ack(1), tid)
+        server.wait_for_log(r"failed after 512 bytes")
+        answered = peer.listen(0.3, limit=50)
+    assert all(p.block == 1 for p, _ in unanswered)
+    assert all(p.op == DATA and p.block == 2 for p, _ in answered)
+    assert 2 <= len(unanswered) <= 3
+    assert len(unanswered) < len(answered) <= 5
+
+
+def test_wrq_peer_that_never_sends_data(tftpd_server, tmp_path: Path, host: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    server = tftpd_server("-n", "-c", "1", "-t", "0.1", "-x", "3", root=root, host=host)
+    with Peer(server.addr) as silent:
+        silent.send(wrq("never.bin"))
+        server.wait_for_log(r"WRQ never\.bin failed")
+        acks = silent.listen(0.3, limit=50)
+    assert all(p.op == ACK and p.block == 0 for p, _ in acks)
+    assert 2 <= len(acks) <= 3
+    assert list(root.iterdir()) == []
+    with Peer(server.addr) as peer:
+        res = peer.upload("after.bin", b"fine")
+    assert res.error is None and (root / "after.bin").read_bytes() == b"fine"
+
+
+def test_duplicate_request_while_queued(tftpd_server, tmp_path: Path, host: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    content = put(root, "f.bin", payload(1500)).read_bytes()
+    server = tftpd_server("-c", "1", "-t", "0.1", "-x", "3", "-v", root=root, host=host)
+    with Peer(server.addr) as blocker, Peer(server.addr) as peer:
+        blocker.send(rrq("f.bin"))
+        blocker.expect(op=DATA)          # the only worker is now busy
+        for _ in range(4):
+            peer.send(rrq("f.bin", options={"timeout": "10"}))
+            time.sleep(0.05)
+        res_pkt, tid = peer.expect(op=OACK, timeout=5.0)
+        peer.send(ack(0), tid)
+        got = bytearray()
+        for block in range(1, 10):
+            pkt, addr = peer.expect(op=DATA)
+            assert addr == tid and pkt.block == block
+            got += pkt.payload
+            peer.send(ack(block), tid)
+            if len(pkt.payload) < 512:
+                break
+        assert peer.listen(0.5) == []
+        assert bytes(got) == content
+        assert peer.sources() == {tid}
+        assert len(peer.received(OACK)) == 1
+    port = peer.port
+    assert wait_until(lambda: any(f":{port} " in l and "f.bin" in l for l in server.lines))
+    assert sum(f":{port} " in l for l in server.lines) == 1, server.log()
+
+
+def test_client_error_after_oack_ends_quietly(tftpd_server, tmp_path: Path, host: str) -> None:
+    """PXE ROMs ask for tsize, then abort with an ERROR: no retransmission, worker freed."""
+    root = tmp_path / "root"
+    root.mkdir()
+    content = put(root, "boot.img", payload(70000)).read_bytes()
+    server = tftpd_server("-c", "1", "-t", "0.1", "-x", "3", root=root, host=host)
+    with Peer(server.addr) as rom:
+        rom.send(rrq("boot.img", options={"tsize": "0"}))
+        pkt, tid = rom.expect(op=OACK)
+        assert pkt.options == {"tsize": "70000"}
+        rom.send(error(8, "tsize probe done"), tid)
+        assert rom.listen(1.0) == []
+        res = rom.download("boot.img", options={"blksize": "1428"})
+    assert res.error is None and sha(res.data) == sha(content)
+    server.wait_for_log(r"ended by client")
+
+
+# -- large files: block number rollover --------------------------------------------------
+@pytest.mark.parametrize("direction", ["RRQ", "WRQ"])
+def test_40mib_rollover(tftpd_server, tmp_path: Path, host: str, direction: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    content = os.urandom(BIG)
+    server = tftpd_server("-n", root=root, host=host)
+    with Peer(server.addr, record_data=False) as peer:
+        if direction == "RRQ":
+            put(root, "big.bin", content)
+            res = peer.download("big.bin", limit_s=120)
+            assert res.error is None
+            assert sha(res.data) == sha(content)
+            assert res.blocks == BIG // 512 + 1 > 65536
+        else:
+            res = peer.upload("big.bin", content, limit_s=120)
+            assert res.error is None and res.blocks == BIG // 512 + 1
+            assert file_sha(root / "big.bin") == sha(content)
+    # the wire numbers wrapped from 65535 to 0 and went on
+    blocks = [e.block for e in peer.received(DATA if direction == "RRQ" else ACK)]
+    i = blocks.index(65535)
+    assert blocks[i + 1] == 0 and blocks[i + 2] == 1
+    assert temp_files(root) == []
+
+
+# -- addresses -------------------------------------------------------------------
+def test_transfer_socket_bound_to_request_address(shared: ServerProcess) -> None:
+    with Peer(shared.addr) as peer:
+        peer.send(rrq("f5000.bin", options={"timeout": "10"}))
+        _, tid = peer.expect(op=OACK)
+        assert tid[0] == shared.host
+        assert tid[1] != shared.port
+        bound = udp_local_address(tid[1])
+        peer.send(error(0, "enough"), tid)
+    assert bound == shared.host
+
+
+def _start_default_bind(root: Path, extra: List[str]) -> ServerProcess:
+    """``tftpd -p 0`` without --address: the standalone default bind."""
+    cmd = [sys.executable, "-m", "tftpd", "-p", "0", "--root", str(root)] + extra
+    proc = subprocess.Popen(cmd, cwd=str(ROOT), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: List[str] = []
+    ready = threading.Event()
+    port: List[int] = []
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            m = re.search(r"listening on (\S+):(\d+)", line)
+            if m and not port:
+                port.append(int(m.group(2)))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    if not ready.wait(15) or not port:
+        proc.kill()
+        proc.wait(5)
+        raise AssertionError("tftpd did not start:\n" + "\n".join(lines))
+    return ServerProcess(proc, port[0], "::", root, lines)
+
+
+def test_default_bind_is_dual_stack(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    content = put(root, "f.bin", payload(2000)).read_bytes()
+    server = _start_default_bind(root, ["-v"] + hermetic(tmp_path))
+    try:
+        assert re.search(r"listening on \[::\]:\d+", server.log()), server.log()
+        for host in HOSTS:
+            with Peer((host, server.port)) as peer:
+                peer.send(rrq("f.bin", options={"timeout": "10"}))
+                _, tid = peer.expect(op=OACK)
+                bound = udp_local_address(tid[1])
+                peer.send(error(0, "enough"), tid)
+                assert tid[0] == host and bound == host, (tid, bound)
+            with Peer((host, server.port)) as peer:
+                res = peer.download("f.bin")
+            assert res.error is None and res.data == content
+            assert res.tid[0] == host
+            port = peer.port
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            assert wait_until(lambda: any(f"RRQ from {shown} " in l and "f.bin" in l
+                                          for l in server.lines)), server.log()
+        assert "::ffff:" not in server.log()
+    finally:
+        assert server.stop() == 0
+
+
+# -- failed uploads ------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["silence", "error"])
+@pytest.mark.parametrize("existing", [True, False], ids=["replace", "new"])
+def test_failed_upload_leaves_target_alone(tftpd_server, tmp_path: Path, host: str,
+                                          how: str, existing: bool) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    old = payload(700, 1)
+    if existing:
+        put(root, "target.bin", old)
+    server = tftpd_server("-n", "-t", "0.1", "-x", "3", root=root, host=host)
+    with Peer(server.addr) as peer:
+        res = peer.upload("target.bin", payload(20000, 2), stop_after=5)
+        assert res.error is None and res.blocks == 5
+        # the temporary file exists while the transfer runs, the target is untouched
+        assert len(temp_files(root)) == 1
+        assert ((root / "target.bin").read_bytes() == old) if existing \
+            else not (root / "target.bin").exists()
+        if how == "error":
+            peer.send(error(0, "user cancelled"), res.tid)
+    server.wait_for_log(r"WRQ target\.bin (failed|ended by client)")
+    assert wait_until(lambda: temp_files(root) == [], 5.0), temp_files(root)
+    if existing:
+        assert (root / "target.bin").read_bytes() == old
+        assert sorted(p.name for p in root.iterdir()) == ["target.bin"]
+    else:
+        assert list(root.iterdir()) == []
+    # the worker is free and the same name can be uploaded in full afterwards
+    with Peer(server.addr) as peer:
+        res = peer.upload("target.bin", b"new content")
+    assert res.error is None and (root / "target.bin").read_bytes() == b"new content"
+
+
+def test_upload_replaces_existing_file_atomically(shared: ServerProcess) -> None:
+    target = put(shared.upload, "replace.bin", b"old version")
+    content = payload(4000, 9)
+    with Peer(shared.addr) as peer:
+        res = peer.upload("replace.bin", content)
+    assert res.error is None
+    assert file_sha(target) == sha(content)
+    assert temp_files(shared.upload) == []
+
+
+# -- signals -------------------------------------------------------------------
+def test_sigterm_lets_a_running_transfer_finish(tftpd_server, tmp_path: Path, host: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    content = put(root, "f.bin", payload(5000)).read_bytes()
+    server = tftpd_server(root=root, host=host)
+    with Peer(server.addr) as peer:
+        peer.send(rrq("f.bin", options={"timeout": "10"}))
+        _, tid = peer.expect(op=OACK)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert server.proc.poll() is None, "exited with a transfer running"
+        # no new requests are taken
+        with Peer(server.addr) as late:
+            late.send(rrq("f.bin"))
+            assert late.listen(0.3) == []
+        peer.send(ack(0), tid)
+        got = bytearray()
+        for block in range(1, 20):
+            pkt, _ = peer.expect(op=DATA)
+            got += pkt.payload
+            peer.send(ack(block), tid)
+            if len(pkt.payload) < 512:
+                break
+    assert bytes(got) == content
+    assert server.proc.wait(5) == 0
+
+
+def test_second_sigterm_ends_transfers_at_once(tftpd_server, tmp_path: Path, host: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    put(root, "f.bin", payload(5000))
+    server = tftpd_server(root=root, host=host)
+    with Peer(server.addr) as peer:
+        peer.send(rrq("f.bin", options={"timeout": "10"}))
+        _, tid = peer.expect(op=OACK)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        server.proc.send_signal(signal.SIGTERM)
+        pkt, addr = peer.expect(op=ERROR, timeout=3.0, what="ERROR on a forced stop")
+        assert addr == tid
+    assert server.proc.wait(5) == 0
+
+
+def test_sigterm_does_not_wait_for_a_dallying_upload(tftpd_server, tmp_path: Path,
+                                                     host: str) -> None:
+    """An upload that is complete but dallying (client timeout 10 s: the server
+    waits for a repeated last DATA) does not hold up a graceful stop."""
+    root = tmp_path / "root"
+    root.mkdir()
+    server = tftpd_server("-n", root=root, host=host)
+    with Peer(server.addr) as peer:
+        res = peer.upload("up.bin", b"x" * 600, options={"timeout": "10"})
+    assert res.error is None and (root / "up.bin").read_bytes() == b"x" * 600
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(8) == 0
+    assert time.monotonic() - started < 5, "waited for the dally to end"
