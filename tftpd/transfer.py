@@ -266,6 +266,9 @@ class Sender(_Transfer):
             if op == 5:
                 self._peer_error(data)
                 return
+        if n >= 2 and data[0] == 0 and data[1] == 5:
+            self._peer_error(data)    # a truncated ERROR: still never answer it
+            return
         self._illegal("Illegal TFTP operation: expected ACK")
 
     def _ack(self, wire: int, now: float) -> None:
@@ -359,6 +362,9 @@ class Receiver(_Transfer):
                     self._peer_error(data)
                 return
         if self.dallying:
+            return
+        if n >= 2 and data[0] == 0 and data[1] == 5:
+            self._peer_error(data)    # a truncated ERROR: still never answer it
             return
         self._illegal("Illegal TFTP operation: expected DATA")
 
