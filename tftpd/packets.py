@@ -164,6 +164,12 @@ def _check_string(s: bytes, what: str) -> bytes:
     return s
 
 
+def _check_u16(n: int, what: str) -> int:
+    if not 0 <= n <= 0xFFFF:
+        raise ValueError(f"{what} {n} does not fit in 16 bits")
+    return n
+
+
 def encode(packet: Packet) -> bytes:
     if isinstance(packet, Request):
         if not packet.filename or not packet.mode:
@@ -176,11 +182,11 @@ def encode(packet: Packet) -> bytes:
         return _OP.pack(packet.opcode) + b"".join(
             _check_string(p, "request field") + b"\0" for p in parts)
     if isinstance(packet, Data):
-        return _HDR.pack(Opcode.DATA, packet.block) + packet.payload
+        return _HDR.pack(Opcode.DATA, _check_u16(packet.block, "block")) + packet.payload
     if isinstance(packet, Ack):
-        return _HDR.pack(Opcode.ACK, packet.block)
+        return _HDR.pack(Opcode.ACK, _check_u16(packet.block, "block"))
     if isinstance(packet, Error):
-        return (_HDR.pack(Opcode.ERROR, packet.code)
+        return (_HDR.pack(Opcode.ERROR, _check_u16(packet.code, "error code"))
                 + _check_string(packet.message, "error message") + b"\0")
     if isinstance(packet, OAck):
         return oack_packet(packet.options)
