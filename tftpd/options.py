@@ -61,8 +61,13 @@ def _blksize(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[b
     return str(n.blksize).encode()
 
 
+# A size has at most 19 digits: 20 digits do not fit a 64-bit off_t, and the
+# WRQ value is echoed back to a client that could not hold it either.
+MAX_TSIZE_DIGITS = 19
+
+
 def _tsize(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[bytes]:
-    v = parse_uint(value, max_digits=20)
+    v = parse_uint(value, max_digits=MAX_TSIZE_DIGITS)
     if v is None:
         return None
     if op == Opcode.RRQ:
