@@ -9,11 +9,18 @@ root (not recommended).  Started as any other user, tftpd serves as that user.
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 import pwd
 from dataclasses import dataclass
 
-__all__ = ["PrivilegeError", "Identity", "lookup", "drop", "verify"]
+__all__ = ["PrivilegeError", "Identity", "lookup", "drop", "verify", "preload", "PRELOAD"]
+
+# Modules imported lazily (inside functions) after the drop.  The interpreter's
+# own files need not be readable by the server's user (a Python under /root, a
+# 0700 virtual environment), so everything is imported while still root.
+PRELOAD = ("tempfile", "encodings.idna")
 
 
 class PrivilegeError(Exception):
@@ -61,6 +68,7 @@ def drop(user: str) -> str:
     who = lookup(user)
     if who.uid == 0:
         return "running as root (--user root): not recommended"
+    preload()
     try:
         os.setgroups([])
         os.setgid(who.gid)
@@ -69,6 +77,16 @@ def drop(user: str) -> str:
         raise PrivilegeError(f"cannot become user '{who.name}': {e.strerror or e}")
     verify(who)
     return f"running as {who.name} (uid {who.uid}, gid {who.gid}, no supplementary groups)"
+
+
+def preload() -> None:
+    """Import every tftpd module and ``PRELOAD`` now, before the switch."""
+    package = __name__.rpartition(".")[0]
+    here = os.path.dirname(os.path.abspath(__file__))
+    names = [f"{package}.{m.name}" for m in pkgutil.iter_modules([here])
+             if m.name != "__main__"]
+    for name in list(PRELOAD) + names:
+        importlib.import_module(name)
 
 
 def verify(who: Identity) -> None:
