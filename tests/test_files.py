@@ -1,0 +1,263 @@
+"""Block sources for RRQ and the atomic sink for WRQ, on real files."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Iterator, List
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tftpd import files, netascii
+from tftpd.files import (
+    TEMP_PREFIX, TEMP_SUFFIX, AtomicFile, FileSource, NetasciiSink, NetasciiSource, free_bytes,
+)
+
+
+def pattern(n: int, seed: int = 1) -> bytes:
+    return bytes((i * 31 + (i >> 9) + seed) & 0xFF for i in range(n))
+
+
+class TempFd:
+    def __init__(self, content: bytes) -> None:
+        self.file = tempfile.TemporaryFile()
+        self.file.write(content)
+        self.file.flush()
+        self.fd = self.file.fileno()
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
+def sender_walk(draw: st.DrawFn, window: int, steps: int) -> List[int]:
+    """Block indices as a sender asks for them: forward, or back within a window."""
+    out, top = [], 1
+    for _ in range(steps):
+        back = draw(st.integers(0, window))
+        i = max(1, top - back)
+        out.append(i)
+        top = max(top, i + 1)
+    return out
+
+
+@st.composite
+def source_case(draw: st.DrawFn) -> tuple:
+    blksize = draw(st.sampled_from([8, 9, 100, 512, 1428, 4096]))
+    size = draw(st.one_of(st.integers(0, 5 * blksize + 3),
+                          st.sampled_from([0, 1, blksize - 1, blksize, blksize + 1,
+                                           3 * blksize, 3 * blksize + 1])))
+    hint = draw(st.sampled_from([size, max(0, size - 1), size + 1, 0, size * 3]))
+    chunk = draw(st.sampled_from([1, 2 * blksize + 5, 3 * blksize, 64 * 1024]))
+    window = draw(st.sampled_from([1, 2, 4, 16]))
+    walk = sender_walk(draw, window, draw(st.integers(1, 40)))
+    return blksize, size, hint, chunk, window, walk
+
+
+# --------------------------------------------------------------------------- FileSource
+
+@settings(max_examples=300, deadline=None)
+@given(source_case())
+def test_file_source_blocks_are_the_files_slices(case: tuple) -> None:
+    blksize, size, hint, chunk, _window, walk = case
+    body = pattern(size)
+    with TempFd(body) as fd, mock.patch.object(files, "READ_CHUNK", chunk):
+        src = FileSource(fd, blksize, hint)
+        for i in walk + list(range(1, size // blksize + 3)):
+            got = src.block(i)
+            assert isinstance(got, memoryview)
+            assert bytes(got) == body[(i - 1) * blksize:i * blksize], (i, blksize, size)
+
+
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 1024, 100_000, 65536, 65537, 200_000])
+@pytest.mark.parametrize("blksize", [8, 512, 1428, 65464])
+def test_file_source_whole_file_in_order(size: int, blksize: int) -> None:
+    body = pattern(size)
+    with TempFd(body) as fd:
+        src = FileSource(fd, blksize, size)
+        out = []
+        i = 1
+        while True:
+            block = bytes(src.block(i))
+            out.append(block)
+            if len(block) < blksize:
+                break
+            i += 1
+        assert b"".join(out) == body
+        assert i == size // blksize + 1
+
+
+@pytest.mark.parametrize("chunk", [64 * 1024, 3 * 512, 512])
+@pytest.mark.parametrize("shrink_to", [0, 100, 512 * 5, 512 * 5 + 7, 512 * 40])
+@pytest.mark.parametrize("after", [0, 1, 6, 30])
+def test_file_source_survives_a_file_that_shrinks(chunk: int, shrink_to: int, after: int) -> None:
+    """Truncated mid-transfer: blocks stay consistent and a short block ends it."""
+    body = pattern(512 * 60 + 11)
+    with TempFd(body) as fd, mock.patch.object(files, "READ_CHUNK", chunk):
+        src = FileSource(fd, 512, len(body))
+        served = []
+        for i in range(1, after + 1):
+            served.append(bytes(src.block(i)))
+        os.ftruncate(fd, shrink_to)
+        i = after + 1
+        for _ in range(200):
+            block = bytes(src.block(i))
+            served.append(block)
+            if len(block) < 512:
+                break
+            src.block(max(1, i - 3))          # a go-back, as after a timeout
+            i += 1
+        else:
+            raise AssertionError("no short block after the file shrank")
+        got = b"".join(served)
+        assert got == body[:len(got)]
+        assert all(len(b) == 512 for b in served[:-1])
+        assert len(got) >= min(shrink_to, 512 * after)
+
+
+def test_file_source_of_a_file_that_grew_serves_what_is_there() -> None:
+    body = pattern(3000)
+    with TempFd(body[:1000]) as fd:
+        src = FileSource(fd, 512, 1000)
+        os.pwrite(fd, body[1000:], 1000)
+        got = b"".join(bytes(src.block(i)) for i in range(1, 7))
+        assert got == body
+
+
+# --------------------------------------------------------------------------- NetasciiSource
+
+texty = st.lists(st.sampled_from([b"\r", b"\n", b"\0", b"ab", b"\r\n", b"x" * 7]),
+                 max_size=200).map(b"".join)
+
+
+@settings(max_examples=250, deadline=None)
+@given(texty, source_case())
+def test_netascii_source_blocks_are_slices_of_the_encoding(body: bytes, case: tuple) -> None:
+    blksize, _size, _hint, chunk, window, walk = case
+    wire = netascii.encode(body)
+    with TempFd(body) as fd, mock.patch.object(files, "READ_CHUNK", chunk):
+        src = NetasciiSource(fd, blksize, window)
+        for i in walk + list(range(1, len(wire) // blksize + 3)):
+            assert bytes(src.block(i)) == wire[(i - 1) * blksize:i * blksize], i
+
+
+def test_netascii_source_far_go_back_is_still_right() -> None:
+    body = b"line\n" * 3000 + b"end\r"
+    wire = netascii.encode(body)
+    with TempFd(body) as fd, mock.patch.object(files, "READ_CHUNK", 100):
+        src = NetasciiSource(fd, 64, 1)
+        for i in (1, 50, 200, 3, 240, 1, 241):
+            assert bytes(src.block(i)) == wire[(i - 1) * 64:i * 64]
+
+
+# --------------------------------------------------------------------------- AtomicFile
+
+def temps(directory: Path) -> List[str]:
+    return sorted(p.name for p in directory.iterdir()
+                  if p.name.startswith(TEMP_PREFIX) and p.name.endswith(TEMP_SUFFIX))
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "boot.img"
+    path.write_bytes(b"old contents\n")
+    yield path
+
+
+def test_atomic_file_replaces_only_at_finish(target: Path) -> None:
+    before = os.stat(target)
+    f = AtomicFile(str(target), 0o640)
+    new = pattern(600_000)                      # more than the write buffer
+    for i in range(0, len(new), 1428):
+        f.write(memoryview(new)[i:i + 1428])
+        assert target.read_bytes() == b"old contents\n"
+    assert temps(target.parent) == [os.path.basename(f.temp)]
+    assert os.path.dirname(f.temp) == str(target.parent)
+    assert os.path.basename(f.temp).startswith(f"{TEMP_PREFIX}boot.img.")
+    assert os.stat(target).st_ino == before.st_ino
+    f.finish()
+    assert target.read_bytes() == new
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o640
+    assert temps(target.parent) == []
+    f.abort()                                   # after finish: nothing to undo
+    assert target.read_bytes() == new
+
+
+def test_atomic_file_abort_keeps_the_old_file(target: Path) -> None:
+    f = AtomicFile(str(target), 0o644)
+    f.write(memoryview(b"half of a new file"))
+    f.abort()
+    assert target.read_bytes() == b"old contents\n"
+    assert temps(target.parent) == []
+    assert sorted(p.name for p in target.parent.iterdir()) == ["boot.img"]
+    f.abort()                                   # twice is harmless
+    assert target.read_bytes() == b"old contents\n"
+
+
+def test_atomic_file_abort_of_a_new_file_leaves_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "new.cfg"
+    f = AtomicFile(str(path), 0o644)
+    f.write(memoryview(pattern(300_000)))       # some of it reached the disk
+    f.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_file_empty_upload(tmp_path: Path) -> None:
+    path = tmp_path / "empty"
+    f = AtomicFile(str(path), 0o600)
+    f.finish()
+    assert path.read_bytes() == b""
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_atomic_file_long_name_stays_a_valid_temp_name(tmp_path: Path) -> None:
+    path = tmp_path / ("n" * 250)
+    f = AtomicFile(str(path), 0o644)
+    f.write(memoryview(b"x"))
+    f.finish()
+    assert path.read_bytes() == b"x" and temps(tmp_path) == []
+
+
+def test_two_writers_do_not_interleave(target: Path) -> None:
+    a = AtomicFile(str(target), 0o644)
+    b = AtomicFile(str(target), 0o644)
+    assert a.temp != b.temp
+    a.write(memoryview(b"A" * 1000))
+    b.write(memoryview(b"B" * 10))
+    a.write(memoryview(b"A" * 1000))
+    b.finish()
+    assert target.read_bytes() == b"B" * 10
+    a.finish()
+    assert target.read_bytes() == b"A" * 2000
+    assert temps(target.parent) == []
+
+
+# --------------------------------------------------------------------------- NetasciiSink
+
+def test_netascii_sink_decodes_across_blocks(target: Path) -> None:
+    sink = NetasciiSink(AtomicFile(str(target), 0o644))
+    for chunk in (b"one\r", b"\ntwo\r", b"\0three\r\n", b"\r"):
+        sink.write(memoryview(chunk))
+    assert target.read_bytes() == b"old contents\n"
+    sink.finish()
+    assert target.read_bytes() == b"one\ntwo\rthree\n\r"
+
+
+def test_netascii_sink_abort(target: Path) -> None:
+    sink = NetasciiSink(AtomicFile(str(target), 0o644))
+    sink.write(memoryview(b"a\r\nb"))
+    sink.abort()
+    assert target.read_bytes() == b"old contents\n" and temps(target.parent) == []
+
+
+def test_free_bytes(tmp_path: Path) -> None:
+    free = free_bytes(str(tmp_path))
+    assert isinstance(free, int) and free > 0
+    assert free_bytes(str(tmp_path / "missing")) is None
