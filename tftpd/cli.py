@@ -226,6 +226,11 @@ def version_text() -> str:
     return f"tftpd {__version__}\n"
 
 
+def printable(text: str) -> str:
+    """A value as it can appear in one line: control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def fail(message: str) -> int:
-    sys.stderr.write(f"tftpd: {message}\n{usage()}\n")
+    sys.stderr.write(f"tftpd: {printable(message)}\n{usage()}\n")
     return 2
