@@ -305,3 +305,15 @@ def test_check_mode_reviews_an_access_file(site: Site) -> None:
     proc = subprocess.run(cmd + ["secret.txt"], capture_output=True, text=True,
                           cwd=str(ROOT), timeout=30)
     assert proc.returncode == 0 and "not readable by others" in proc.stdout
+
+
+def test_sighup_rereads_the_access_file(tftpd_server, site: Site) -> None:
+    import signal
+    server = start(tftpd_server, site)
+    assert get("tftp", server, "ok.txt", site.work / "a")[0]
+    assert "(reloaded)" not in server.log()
+    server.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.2)
+    assert server.proc.poll() is None                          # SIGHUP does not kill it
+    assert get("tftp", server, "ok.txt", site.work / "b")[0]
+    server.wait_for_log(r"access file .*\(reloaded\)")

@@ -8,6 +8,7 @@ import signal
 import socket
 import stat
 import sys
+from types import FrameType
 from typing import Callable, List, Optional
 
 from . import log as logsetup
@@ -75,7 +76,7 @@ def _reload_on_hup(table: AccessTable) -> None:
     """SIGHUP: re-read the access file at the next request (chains a prior handler)."""
     prior = signal.getsignal(signal.SIGHUP)
 
-    def on_hup(signum: int, frame: object) -> None:
+    def on_hup(signum: int, frame: Optional[FrameType]) -> None:
         table.invalidate()
         if callable(prior):
             prior(signum, frame)

@@ -39,14 +39,12 @@ def lookup(name: str) -> Identity:
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
-        pw = None
-        if name.isdigit():
-            try:
-                pw = pwd.getpwuid(int(name))
-            except (KeyError, OverflowError):
-                pass
-        if pw is None:
-            raise PrivilegeError(f"unknown user '{name}'")
+        try:
+            if not name.isdigit():
+                raise KeyError(name)
+            pw = pwd.getpwuid(int(name))
+        except (KeyError, OverflowError):
+            raise PrivilegeError(f"unknown user '{name}'") from None
     return Identity(pw.pw_name, pw.pw_uid, pw.pw_gid)
 
 
@@ -97,9 +95,9 @@ def verify(who: Identity) -> None:
         raise PrivilegeError(f"gid is {os.getresgid()} after switching to '{who.name}'")
     if os.getgroups() not in ([], [who.gid]):
         raise PrivilegeError(f"supplementary groups {os.getgroups()} remain")
-    for regain in (lambda: os.setuid(0), lambda: os.seteuid(0)):
+    for regain in (os.setuid, os.seteuid):
         try:
-            regain()
+            regain(0)
         except OSError:
             continue
         raise PrivilegeError("root privileges could be regained after the switch")
