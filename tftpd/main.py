@@ -53,7 +53,13 @@ def _policy(config: Config) -> AccessTable:
     """The access table, loaded now so that the log shows what is enforced."""
     roots = [config.root] + ([config.write_dir] if config.write_dir else [])
     table = AccessTable(config.access_file, roots)
-    table.rules()
+    if table.rules().refused is None:
+        for what, d in [("read root (--root)", config.root),
+                        ("-d directory", config.write_dir if config.allow_write else None)]:
+            if d and not table.allowed(os.path.realpath(d)):
+                logging.getLogger("tftpd").warning(
+                    "the access file does not allow the %s %s: requests for relative "
+                    "names there are refused", what, d)
     return table
 
 
