@@ -41,6 +41,7 @@ _IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 _ANC_SIZE = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12)
 _REQUEST_MAX = 65536
 _THREAD_STACK = 512 * 1024
+STOP_GRACE = 60.0      # SIGTERM/SIGINT: running transfers get this long to finish
 
 
 @dataclass
@@ -281,8 +282,15 @@ class Server:
             except OSError:
                 pass
         if self.stopping and self.pool.pending():
-            log.info("stopping: waiting for %d transfer(s) to finish", self.pool.pending())
+            log.info("stopping: waiting up to %g s for %d transfer(s) to finish "
+                     "(send the signal again to end them now)",
+                     STOP_GRACE, self.pool.pending())
+        grace_ends = time.monotonic() + STOP_GRACE
         while not self.pool.close(timeout=0.2):
+            if self.stopping == 1 and time.monotonic() >= grace_ends:
+                log.warning("stopping: grace period over, ending %d transfer(s)",
+                            self.pool.pending())
+                self.stopping = 2
             self._end_transfers(every=self.stopping >= 2)
         return 0
 
