@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import pytest
 
 from conftest import ROOT, ServerProcess
-from tftpclient import OACK, Peer, rrq
+from tftpclient import Peer
 
 AIX_FLAGS = ["-c", "-n", "-p", "-r", "-t", "-x", "-z", "-v", "-i", "-s", "-d"]
 

@@ -18,12 +18,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import pytest
 
 from conftest import ROOT, ServerProcess, start_server
-from tftpclient import (ACK, DATA, ERROR, OACK, Peer, PeerTimeout, ack, data, error,
+from tftpclient import (ACK, DATA, ERROR, OACK, Peer, ack, data, error,
                         rrq, wrq)
 
 HOSTS = ["127.0.0.1", "::1"]
@@ -200,12 +200,12 @@ def test_netascii_wrq(shared: ServerProcess) -> None:
 
 # -- errors ----------------------------------------------------------------------
 def _refused(server: ServerProcess, packet: bytes) -> List:
-    """Send one request; return every packet that answers it within 0.6 s."""
+    """Send one request; return every packet that answers it within 0.4 s."""
     with Peer(server.addr) as peer:
         peer.send(packet)
         first = peer.recv(5.0)
         assert first is not None, "no answer to a refused request"
-        rest = peer.listen(0.6)
+        rest = peer.listen(0.4)
     return [first] + rest
 
 
@@ -224,7 +224,7 @@ ERROR_CASES = [
     ("wrq-mail", wrq("new.bin", "mail"), 4),
     ("wrq-outside", wrq("../escaped.bin"), 2),
     ("wrq-absolute-outside", wrq("/tmp/tftpd-escaped.bin"), 2),
-    ("wrq-tsize-too-big", wrq("huge.bin", options={"tsize": str(10 ** 19)}), 3),
+    ("wrq-tsize-too-big", wrq("huge.bin", options={"tsize": str(10 ** 15)}), 3),
 ]
 
 
@@ -273,6 +273,14 @@ def test_wrq_without_n_is_access_violation(tftpd_server, tmp_path: Path, host: s
         assert [(p.op, p.code) for p, _ in answers] == [(ERROR, 2)]
     assert sorted(p.name for p in root.iterdir()) == ["old.bin"]
     assert (root / "old.bin").read_bytes() == b"old"
+
+
+def test_wrq_tsize_just_over_free_space(shared: ServerProcess) -> None:
+    st = os.statvfs(shared.upload)
+    free = st.f_bavail * st.f_frsize
+    answers = _refused(shared, wrq("over.bin", options={"tsize": str(free + (1 << 30))}))
+    assert [(p.op, p.code) for p, _ in answers] == [(ERROR, 3)]
+    assert not (shared.upload / "over.bin").exists() and temp_files(shared.upload) == []
 
 
 def test_wrq_tsize_that_fits_is_acknowledged(shared: ServerProcess) -> None:
@@ -811,3 +819,159 @@ def test_sigterm_does_not_wait_for_a_dallying_upload(tftpd_server, tmp_path: Pat
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(8) == 0
     assert time.monotonic() - started < 5, "waited for the dally to end"
+
+
+# -- the worker limit and the queue ------------------------------------------------
+def _open_transfer(server: ServerProcess, name: str) -> tuple:
+    """A client that asks with a fixed 10 s timeout and then waits: it holds a worker."""
+    peer = Peer(server.addr)
+    peer.send(rrq(name, options={"timeout": "10"}))
+    return peer
+
+
+def _finish_download(peer: Peer, tid, first_block: int = 1) -> bytes:
+    peer.send(ack(first_block - 1), tid)
+    got = bytearray()
+    for block in range(first_block, first_block + 100):
+        pkt, addr = peer.expect(op=DATA)
+        assert addr == tid and pkt.block == block
+        got += pkt.payload
+        peer.send(ack(block), tid)
+        if len(pkt.payload) < 512:
+            return bytes(got)
+    raise AssertionError("download did not end")
+
+
+def test_at_most_c_transfers_at_once(tftpd_server, tmp_path: Path, host: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    content = put(root, "f.bin", payload(2000)).read_bytes()
+    server = tftpd_server("-c", "2", root=root, host=host)
+    a, b, c = (_open_transfer(server, "f.bin") for _ in range(3))
+    try:
+        _, tid_a = a.expect(op=OACK)
+        _, tid_b = b.expect(op=OACK)
+        assert c.listen(0.5) == [], "a third transfer ran with -c 2"
+        assert _finish_download(a, tid_a) == content
+        _, tid_c = c.expect(op=OACK, timeout=5.0)     # now it has a worker
+        assert _finish_download(c, tid_c) == content
+        assert _finish_download(b, tid_b) == content
+    finally:
+        for p in (a, b, c):
+            p.close()
+
+
+def test_queue_overflow_is_dropped_without_reply(tftpd_server, tmp_path: Path, host: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    content = put(root, "f.bin", payload(2000)).read_bytes()
+    server = tftpd_server("-c", "1", "--queue", "1", root=root, host=host)
+    running = _open_transfer(server, "f.bin")
+    _, tid = running.expect(op=OACK)
+    queued = _open_transfer(server, "f.bin")
+    time.sleep(0.1)
+    dropped = _open_transfer(server, "f.bin")
+    try:
+        assert dropped.listen(0.5) == [], "a request beyond the queue was answered"
+        server.wait_for_log(r"busy: 1 request\(s\) dropped")
+        assert _finish_download(running, tid) == content
+        _, tid_q = queued.expect(op=OACK, timeout=5.0)
+        assert _finish_download(queued, tid_q) == content
+        # the dropped client retransmits its request and is served
+        dropped.send(rrq("f.bin", options={"timeout": "10"}))
+        _, tid_d = dropped.expect(op=OACK, timeout=5.0)
+        assert _finish_download(dropped, tid_d) == content
+    finally:
+        for p in (running, queued, dropped):
+            p.close()
+
+
+# -- more transfers ------------------------------------------------------------------
+@pytest.mark.parametrize("blksize,windowsize", [(65464, 1), (1468, 8), (8, 1)])
+def test_blksize_and_windowsize_both_directions(shared: ServerProcess, blksize: int,
+                                                windowsize: int) -> None:
+    size = 200_000 if blksize > 8 else 3000
+    content = payload(size, blksize)
+    opts = {"blksize": str(blksize), "windowsize": str(windowsize)}
+    name = f"bw-{blksize}-{windowsize}.bin"
+    with Peer(shared.addr) as peer:
+        res = peer.upload(name, content, options=opts)
+    assert res.error is None and res.oack == opts
+    assert file_sha(shared.upload / name) == sha(content)
+    with Peer(shared.addr) as peer:
+        res = peer.download(str(shared.upload / name), options=opts)
+    assert res.error is None and res.oack == opts
+    assert sha(res.data) == sha(content)
+    assert res.data_packets == size // blksize + 1
+
+
+def test_non_utf8_file_name(shared: ServerProcess) -> None:
+    name = b"caf\xe9-\xff.bin"
+    (shared.root / os.fsdecode(name)).write_bytes(b"latin-1 name\n")
+    (shared.root / os.fsdecode(name)).chmod(0o644)
+    with Peer(shared.addr) as peer:
+        res = peer.download(name)
+    assert res.error is None and res.data == b"latin-1 name\n"
+    with Peer(shared.addr) as peer:
+        res = peer.upload(b"up-\xfe.bin", b"x")
+    assert res.error is None
+    assert (shared.upload / os.fsdecode(b"up-\xfe.bin")).read_bytes() == b"x"
+
+
+def test_very_long_file_name(shared: ServerProcess) -> None:
+    for packet in (rrq("a" * 5000), rrq("d/" * 2000 + "f"), wrq("b" * 5000)):
+        answers = _refused(shared, packet)
+        assert len(answers) == 1 and answers[0][0].op == ERROR
+        assert answers[0][0].code in (1, 2)
+
+
+def test_two_uploads_of_one_name_never_interleave(shared: ServerProcess) -> None:
+    one, two = payload(6000, 1), payload(6000, 2)
+    with Peer(shared.addr) as p1, Peer(shared.addr) as p2:
+        p1.send(wrq("same.bin"))
+        _, t1 = p1.expect(op=ACK)
+        p2.send(wrq("same.bin"))
+        _, t2 = p2.expect(op=ACK)
+        blocks = len(one) // 512 + 1
+        for index in range(1, blocks + 1):
+            for peer, tid, content in ((p1, t1, one), (p2, t2, two)):
+                peer.send(data(index, content[(index - 1) * 512:index * 512]), tid)
+                pkt, _ = peer.expect(op=ACK)
+                assert pkt.block == index
+            if index == blocks // 2:
+                assert not (shared.upload / "same.bin").exists()
+    final = (shared.upload / "same.bin").read_bytes()
+    assert final in (one, two)
+    assert temp_files(shared.upload) == []
+
+
+def test_illegal_packets_inside_a_transfer_get_error_4(shared: ServerProcess) -> None:
+    # WRQ: a DATA larger than the block size
+    with Peer(shared.addr) as peer:
+        peer.send(wrq("illegal.bin"))
+        _, tid = peer.expect(op=ACK)
+        peer.send(data(1, b"x" * 600), tid)
+        pkt, addr = peer.expect(op=ERROR)
+        assert pkt.code == 4 and addr == tid
+        assert peer.listen(0.3) == []
+    # RRQ: a request sent to the transfer's own port
+    with Peer(shared.addr) as peer:
+        peer.send(rrq("f5000.bin", options={"timeout": "10"}))
+        _, tid = peer.expect(op=OACK)
+        peer.send(rrq("f5000.bin"), tid)
+        pkt, addr = peer.expect(op=ERROR)
+        assert pkt.code == 4 and addr == tid
+    assert not (shared.upload / "illegal.bin").exists()
+    assert wait_until(lambda: temp_files(shared.upload) == [], 3.0)
+
+
+def test_i_puts_the_client_address_in_error_lines(tftpd_server, tmp_path: Path,
+                                                  host: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    server = tftpd_server("-i", root=root, host=host)
+    with Peer(server.addr) as peer:
+        peer.download("missing.bin")
+    shown = f"[{host}]:{peer.port}" if ":" in host else f"{host}:{peer.port}"
+    line = server.wait_for_log(r"missing\.bin")
+    assert shown in line, line
