@@ -205,7 +205,7 @@ def _refused(server: ServerProcess, packet: bytes) -> List:
         peer.send(packet)
         first = peer.recv(5.0)
         assert first is not None, "no answer to a refused request"
-        rest = peer.listen(0.4)
+        rest = peer.listen(0.3)
     return [first] + rest
 
 
@@ -547,21 +547,23 @@ def test_answered_peer_gets_more_retries_than_a_silent_one(tftpd_server, tmp_pat
     root = tmp_path / "root"
     root.mkdir()
     put(root, "f.bin", payload(3000))
-    server = tftpd_server("-t", "0.05", "-x", "5", root=root, host=host)
+    server = tftpd_server("-t", "0.1", "-x", "4", root=root, host=host)
     with Peer(server.addr) as silent:
         silent.send(rrq("f.bin"))
-        server.wait_for_log(r"failed after 0 bytes")
+        server.wait_for_log(r"failed after 0 bytes", timeout=30)
         unanswered = silent.listen(0.3, limit=50)
     with Peer(server.addr) as peer:
         peer.send(rrq("f.bin"))
         _, tid = peer.expect(op=DATA)
         peer.send(ack(1), tid)
-        server.wait_for_log(r"failed after 512 bytes")
+        server.wait_for_log(r"failed after 512 bytes", timeout=30)
         answered = peer.listen(0.3, limit=50)
-    assert all(p.block == 1 for p, _ in unanswered)
+    assert all(p.op == DATA and p.block == 1 for p, _ in unanswered)
+    # (a DATA 1 resent before our ACK arrived, on a loaded machine, is not counted)
+    answered = [(p, a) for p, a in answered if p.block != 1]
     assert all(p.op == DATA and p.block == 2 for p, _ in answered)
     assert 2 <= len(unanswered) <= 3
-    assert len(unanswered) < len(answered) <= 5
+    assert len(unanswered) < len(answered) <= 4
 
 
 def test_wrq_peer_that_never_sends_data(tftpd_server, tmp_path: Path, host: str) -> None:
@@ -615,40 +617,62 @@ def test_client_error_after_oack_ends_quietly(tftpd_server, tmp_path: Path, host
     root = tmp_path / "root"
     root.mkdir()
     content = put(root, "boot.img", payload(70000)).read_bytes()
-    server = tftpd_server("-c", "1", "-t", "0.1", "-x", "3", root=root, host=host)
+    server = tftpd_server("-c", "1", "-t", "0.5", "-x", "3", root=root, host=host)
     with Peer(server.addr) as rom:
         rom.send(rrq("boot.img", options={"tsize": "0"}))
         pkt, tid = rom.expect(op=OACK)
         assert pkt.options == {"tsize": "70000"}
         rom.send(error(8, "tsize probe done"), tid)
-        assert rom.listen(1.0) == []
+        assert rom.listen(0.8) == [], "the OACK was sent again after the client's ERROR"
         res = rom.download("boot.img", options={"blksize": "1428"})
     assert res.error is None and sha(res.data) == sha(content)
     server.wait_for_log(r"ended by client")
 
 
 # -- large files: block number rollover --------------------------------------------------
-@pytest.mark.parametrize("direction", ["RRQ", "WRQ"])
-def test_40mib_rollover(tftpd_server, tmp_path: Path, host: str, direction: str) -> None:
+def first_after_wrap(wire: List[int]) -> int:
+    """The first block number that follows the numbers near 65535."""
+    high = False
+    for number in wire:
+        if number >= 60000:
+            high = True
+        elif high and number < 5000:
+            return number
+    raise AssertionError("the block numbers never wrapped")
+
+
+# Lock-step on IPv4 and windows of 16 on IPv6: both directions each, so that the
+# wrap is exercised with one ACK per block and with one ACK per window.
+ROLLOVER = [("127.0.0.1", "RRQ", 1), ("127.0.0.1", "WRQ", 1),
+            ("::1", "RRQ", 16), ("::1", "WRQ", 16)]
+
+
+@pytest.mark.parametrize("host,direction,window", ROLLOVER,
+                         ids=[f"{'v6' if ':' in h else 'v4'}-{d}-window{w}"
+                              for h, d, w in ROLLOVER])
+def test_40mib_rollover(tftpd_server, tmp_path: Path, host: str, direction: str,
+                        window: int) -> None:
     root = tmp_path / "root"
     root.mkdir()
     content = os.urandom(BIG)
+    nblocks = BIG // 512 + 1                       # and a final empty DATA
+    options = {"windowsize": str(window)} if window > 1 else None
     server = tftpd_server("-n", root=root, host=host)
     with Peer(server.addr, record_data=False) as peer:
         if direction == "RRQ":
             put(root, "big.bin", content)
-            res = peer.download("big.bin", limit_s=120)
+            res = peer.download("big.bin", options=options, limit_s=120)
             assert res.error is None
             assert sha(res.data) == sha(content)
-            assert res.blocks == BIG // 512 + 1 > 65536
         else:
-            res = peer.upload("big.bin", content, limit_s=120)
-            assert res.error is None and res.blocks == BIG // 512 + 1
+            res = peer.upload("big.bin", content, options=options, limit_s=120)
+            assert res.error is None
             assert file_sha(root / "big.bin") == sha(content)
-    # the wire numbers wrapped from 65535 to 0 and went on
-    blocks = [e.block for e in peer.received(DATA if direction == "RRQ" else ACK)]
-    i = blocks.index(65535)
-    assert blocks[i + 1] == 0 and blocks[i + 2] == 1
+    assert res.blocks == nblocks > 65536
+    # the wire numbers wrapped from 65535 to 0 (not 1) and went on
+    wire = [e.block for e in peer.received(DATA if direction == "RRQ" else ACK)]
+    assert first_after_wrap(wire) == 0
+    assert wire[-1] == nblocks & 0xFFFF
     assert temp_files(root) == []
 
 
@@ -798,7 +822,7 @@ def test_second_sigterm_ends_transfers_at_once(tftpd_server, tmp_path: Path, hos
         peer.send(rrq("f.bin", options={"timeout": "10"}))
         _, tid = peer.expect(op=OACK)
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
+        server.wait_for_log(r"stopping: waiting .*1 transfer")
         server.proc.send_signal(signal.SIGTERM)
         pkt, addr = peer.expect(op=ERROR, timeout=3.0, what="ERROR on a forced stop")
         assert addr == tid
