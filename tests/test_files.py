@@ -157,6 +157,21 @@ def test_netascii_source_far_go_back_is_still_right() -> None:
             assert bytes(src.block(i)) == wire[(i - 1) * 64:i * 64]
 
 
+@pytest.mark.parametrize("window", [1, 4, 16])
+def test_netascii_source_go_back_within_the_window_does_not_reread(window: int) -> None:
+    body = b"a\nb\r" * 2000
+    wire = netascii.encode(body)
+    with TempFd(body) as fd, mock.patch.object(files, "READ_CHUNK", 50), \
+            mock.patch.object(files.os, "pread", wraps=os.pread) as pread:
+        src = NetasciiSource(fd, 32, window)
+        for top in range(1, len(wire) // 32 + 2):
+            assert bytes(src.block(top)) == wire[(top - 1) * 32:top * 32]
+            calls = pread.call_count
+            for back in range(max(1, top - window), top + 1):
+                assert bytes(src.block(back)) == wire[(back - 1) * 32:back * 32]
+            assert pread.call_count == calls, (top, window)
+
+
 # --------------------------------------------------------------------------- AtomicFile
 
 def temps(directory: Path) -> List[str]:

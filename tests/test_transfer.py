@@ -308,6 +308,36 @@ def watch_duplicate_acks(sim: Sim) -> List[tuple]:
     return bad
 
 
+def test_sender_waits_for_ack_0_of_its_oack() -> None:
+    body = content(20)
+    rec = Recorder()
+    s = sender(body, rec=rec, oack=OACK_PKT)
+    s.start(0.0)
+    assert rec.take() == [OACK_PKT]
+    for wrong in (1, 2, 65535):
+        s.receive(ack(wrong), CLIENT, 0.1)
+    assert rec.take() == [] and s.deadline == 1.0
+    s.receive(ack(0), CLIENT, 0.2)
+    assert rec.take() == [data(1, body[:8])]
+    s.receive(ack(0), CLIENT, 0.3)            # ACK 0 again: a duplicate now
+    assert rec.take() == []
+
+
+def test_receiver_reacks_an_old_block_at_once() -> None:
+    """Our ACK was lost and the peer resent: answer now, not at our next timeout."""
+    rec = Recorder()
+    r = receiver(rec=rec)
+    r.start(0.0)
+    r.receive(data(1, b"12345678"), CLIENT, 0.1)
+    r.receive(data(2, b"abcdefgh"), CLIENT, 0.2)
+    assert rec.take() == [ack(0), ack(1), ack(2)]
+    deadline = r.deadline
+    r.receive(data(2, b"abcdefgh"), CLIENT, 0.3)
+    r.receive(data(1, b"12345678"), CLIENT, 0.3)
+    assert rec.take() == [ack(2), ack(2)]
+    assert bytes(r.sink.data) == b"12345678abcdefgh" and r.deadline == deadline
+
+
 # --------------------------------------------------------------------------- stray TIDs
 
 @pytest.mark.parametrize("stray", [STRANGER, ("192.0.2.99", CLIENT[1]), ("192.0.2.99", 40002)])
