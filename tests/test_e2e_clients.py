@@ -231,3 +231,33 @@ def test_server_log_and_no_leftovers(env: Env) -> None:
     assert [p.name for p in env.root.iterdir() if p.name.startswith(".tftpd-")] == []
     assert not any(" failed after " in line for line in env.server.lines), env.server.log()
     assert "::ffff:" not in env.server.log()
+
+
+def test_tftp_hpa_session_reuses_its_port(env: Env) -> None:
+    """tftp-hpa's interactive client sends every request from one port.  Each
+    request must be answered the first time: with ``trace`` the client prints
+    every request it sends, so a request the server dropped shows up twice."""
+    tftp = need("tftp")
+    family = "-6" if ":" in env.host else "-4"
+    src = env.local("session-up.bin")
+    src.write_bytes(os.urandom(5000))
+    script = "\n".join([
+        "binary", "trace",
+        "get random.bin session-1.bin",
+        "get text.txt session-2.txt",
+        f"put {src} session-up-1.bin",       # the server dallies after this one
+        "get random.bin session-3.bin",
+        f"put {src} session-up-2.bin",
+        "get text.txt session-4.txt",
+        "quit", ""])
+    r = subprocess.run([tftp, family, env.host, env.port], cwd=str(env.tmp), input=script,
+                       capture_output=True, text=True, timeout=CLIENT_TIMEOUT)
+    requests = [line.split("sent ", 1)[1] for line in r.stdout.splitlines()
+                if "sent RRQ" in line or "sent WRQ" in line]
+    assert len(requests) == 6, "a request was sent more than once:\n" + "\n".join(requests)
+    for name in ("session-1.bin", "session-3.bin"):
+        assert sha_file(env.local(name)) == env.big_sha
+    for name in ("session-2.txt", "session-4.txt"):
+        assert env.local(name).read_bytes() == env.text.read_bytes()
+    for name in ("session-up-1.bin", "session-up-2.bin"):
+        assert (env.root / name).read_bytes() == src.read_bytes()

@@ -999,3 +999,37 @@ def test_i_puts_the_client_address_in_error_lines(tftpd_server, tmp_path: Path,
     shown = f"[{host}]:{peer.port}" if ":" in host else f"{host}:{peer.port}"
     line = server.wait_for_log(r"missing\.bin")
     assert shown in line, line
+
+
+# -- one client port, several requests (tftp-hpa's interactive client) -------------
+def test_new_request_from_same_port_while_upload_dallies(shared: ServerProcess) -> None:
+    """After the last ACK of an upload the server dallies (here 10 s, the client's
+    timeout) in case that ACK was lost; a new request from the same port is not a
+    retransmission of the old one and must be served at once."""
+    content = (shared.root / "f5000.bin").read_bytes()
+    with Peer(shared.addr) as peer:
+        res = peer.upload("dally.bin", b"d" * 700, options={"timeout": "10"})
+        assert res.error is None
+        peer.send(rrq("f5000.bin"))
+        pkt, tid = peer.expect(op=DATA, timeout=5.0, what="DATA 1 of the next request")
+        assert tid != res.tid
+        got = bytearray(pkt.payload)
+        for block in range(1, 20):
+            peer.send(ack(block), tid)
+            if len(pkt.payload) < 512:
+                break
+            pkt, _ = peer.expect(op=DATA)
+            got += pkt.payload
+    assert bytes(got) == content
+
+
+def test_same_upload_again_while_the_first_dallies(shared: ServerProcess) -> None:
+    """``put f; put f`` from one port: the second, identical WRQ arrives while the
+    first transfer dallies (10 s here) and is a new transfer, not a duplicate."""
+    with Peer(shared.addr) as peer:
+        res = peer.upload("again.bin", b"1" * 600, options={"timeout": "10"})
+        assert res.error is None
+        time.sleep(0.2)
+        res = peer.upload("again.bin", b"2" * 600, options={"timeout": "10"})
+        assert res.error is None and res.timeouts == 0
+    assert (shared.upload / "again.bin").read_bytes() == b"2" * 600
