@@ -1,0 +1,500 @@
+"""The request loop and the worker pool.
+
+Every front door (inetd's fd 0, systemd's fd 3, a socket bound for ``-p``)
+hands the server its listening sockets; the server reads requests, drops junk
+and duplicates, and gives each new request to a worker thread (at most ``-c``
+at once, then a bounded queue).  Each transfer runs on a new socket bound to
+the local address the request was sent to.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Deque, Dict, List, Optional, Set, Tuple
+
+from . import log as logsetup
+from . import paths
+from .admission import Admission, Plan, Policy
+from .config import Config
+from .packets import ErrorCode, MalformedPacket, Opcode, Request, TftpError, decode
+from .trace import Trace, describe, tracer
+from .transfer import Outcome, Receiver, Rto, Sender
+from .worker import drive, make_transmit
+
+__all__ = ["Server", "Job", "bind_standalone", "local_address"]
+
+log = logging.getLogger("tftpd")
+
+_IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+_IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+_ANC_SIZE = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12)
+_REQUEST_MAX = 65536
+_THREAD_STACK = 512 * 1024
+STOP_GRACE = 60.0      # SIGTERM/SIGINT: running transfers get this long to finish
+
+
+@dataclass
+class Job:
+    request: Request
+    peer: Tuple          # normalised: v4-mapped peers become IPv4
+    local: Tuple         # address to bind the transfer socket to
+    family: int
+    received: float
+
+
+def enable_pktinfo(sock: socket.socket) -> None:
+    """Ask for the destination address of each datagram (IPv4 and IPv6)."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+    except OSError:
+        pass
+
+
+def local_address(sock: socket.socket, ancdata: list) -> Tuple[Optional[str], int]:
+    """The destination address of a datagram and the interface it came in on."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IPV6 and kind == _IPV6_PKTINFO and len(data) >= 20:
+            return socket.inet_ntop(socket.AF_INET6, data[:16]), int.from_bytes(
+                data[16:20], "little" if socket.htonl(1) != 1 else "big")
+        if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(data) >= 12:
+            return socket.inet_ntop(socket.AF_INET, data[8:12]), 0
+    host = sock.getsockname()[0]
+    return (None if host in ("0.0.0.0", "::") else host), 0
+
+
+def _normalise(peer: Tuple, local: Optional[str], ifindex: int,
+               family: int) -> Tuple[Tuple, Tuple, int]:
+    """v4-mapped IPv6 peers become IPv4 (logged and served as such)."""
+    host = peer[0]
+    if family == socket.AF_INET6 and host.startswith("::ffff:") and "." in host:
+        lhost = local[7:] if local and local.startswith("::ffff:") else "0.0.0.0"
+        return (host[7:], peer[1]), (lhost, 0), socket.AF_INET
+    if family == socket.AF_INET6:
+        scope = peer[3] if len(peer) > 3 else ifindex
+        return peer, (local or "::", 0, 0, scope if local and local.startswith("fe80") else 0), family
+    return peer, (local or "0.0.0.0", 0), family
+
+
+def show(peer: Tuple) -> str:
+    host = peer[0]
+    return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+
+
+class Pool:
+    """At most ``limit`` worker threads; a bounded queue of jobs beyond that."""
+
+    def __init__(self, limit: int, queue_limit: int, run) -> None:
+        self.limit = limit
+        self.queue_limit = queue_limit
+        self.run = run
+        self.jobs: Deque[Job] = collections.deque()
+        self.cond = threading.Condition()
+        self.threads = 0
+        self.idle = 0
+        self.busy = 0
+        self.closed = False
+
+    def submit(self, job: Job) -> bool:
+        with self.cond:
+            if len(self.jobs) >= self.queue_limit:
+                return False
+            self.jobs.append(job)
+            if self.idle > len(self.jobs) - 1:
+                self.cond.notify()
+            elif self.threads < self.limit:
+                self.threads += 1
+                t = threading.Thread(target=self._loop, name="tftpd-worker", daemon=True)
+                t.start()
+            return True
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.jobs and not self.closed:
+                    self.idle += 1
+                    self.cond.wait()
+                    self.idle -= 1
+                if not self.jobs:
+                    self.threads -= 1
+                    self.cond.notify_all()
+                    return
+                job = self.jobs.popleft()
+                self.busy += 1
+            try:
+                self.run(job)
+            finally:
+                with self.cond:
+                    self.busy -= 1
+                    self.cond.notify_all()
+
+    def pending(self) -> int:
+        with self.cond:
+            return self.busy + len(self.jobs)
+
+    def drop_queued(self) -> List[Job]:
+        with self.cond:
+            jobs = list(self.jobs)
+            self.jobs.clear()
+            return jobs
+
+    def close(self, timeout: Optional[float]) -> bool:
+        """Let queued and running jobs finish; True if all did within timeout."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+            while self.busy or self.jobs:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self.cond.wait(left)
+        return True
+
+
+class Server:
+    def __init__(self, config: Config, sockets: List[socket.socket], policy: Policy,
+                 *, idle_exit: bool = False) -> None:
+        self.config = config
+        self.sockets = sockets
+        self.admission = Admission(config, policy, umask=_current_umask())
+        self.idle_exit = idle_exit
+        self.pool = Pool(config.max_threads, config.queue_limit, self._run)
+        self.lock = threading.Lock()
+        self.active: Set[Tuple] = set()            # peers with a queued or running transfer
+        self.transfers: Dict[Tuple, Tuple[socket.socket, object]] = {}  # peer -> (sock, engine)
+        self.stopping = 0                          # 1: graceful, 2: forced
+        self.last_activity = time.monotonic()
+        self.dropped = 0
+        self._drop_logged = 0.0
+        self.debug = config.socket_debug           # -s; SIGUSR1 on, SIGUSR2 off
+        self._want_debug: Optional[bool] = None    # set by a signal, applied by the loop
+        self._want_reopen = False                  # SIGHUP
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        for s in sockets:
+            s.setblocking(False)
+            enable_pktinfo(s)
+            if config.socket_debug:
+                _so_debug(s)
+        threading.stack_size(_THREAD_STACK)
+
+    # -- control -----------------------------------------------------------
+    def install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        # AIX's SRC trace: SIGUSR1 turns socket debugging on, SIGUSR2 off.
+        signal.signal(signal.SIGUSR1, self._on_debug_signal)
+        signal.signal(signal.SIGUSR2, self._on_debug_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stop(force=self.stopping > 0)
+
+    # The handlers below only record the wish; the request loop acts on it
+    # (woken by the signal wake-up fd), outside any logging call in progress.
+    def _on_debug_signal(self, signum: int, frame: object) -> None:
+        self._want_debug = signum == signal.SIGUSR1
+
+    def _on_hup(self, signum: int, frame: object) -> None:
+        self._want_reopen = True
+
+    def _apply_control(self) -> None:
+        want, self._want_debug = self._want_debug, None
+        if want is not None:
+            self.set_debug(want)
+        if self._want_reopen:
+            self._want_reopen = False
+            logsetup.reopen()
+            log.info("SIGHUP: logs reopened, access file will be re-read")
+
+    def set_debug(self, on: bool) -> None:
+        """Socket-level debugging (SO_DEBUG and the packet trace) on or off."""
+        self.debug = on
+        logsetup.set_debug(on)
+        for s in self.sockets:
+            _so_debug(s, on)
+        log.info("socket debugging %s", "on" if on else "off")
+
+    def stop(self, force: bool = False) -> None:
+        """Stop taking requests; a forced stop also ends running transfers."""
+        self.stopping = 2 if force else max(self.stopping, 1)
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    # -- the request loop --------------------------------------------------
+    def serve(self) -> int:
+        sel = selectors.DefaultSelector()
+        for s in self.sockets:
+            sel.register(s, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        buf = bytearray(_REQUEST_MAX)
+        timeout: Optional[float] = 0.0 if self.idle_exit else None
+        try:
+            while not self.stopping:
+                for key, _ in sel.select(timeout):
+                    if key.fileobj is self._wake_r:
+                        self._drain_wake()
+                    else:
+                        self._read_requests(key.fileobj, buf)  # type: ignore[arg-type]
+                if self.idle_exit:
+                    idle = self.config.idle_timeout
+                    if self.pool.pending():
+                        timeout = min(0.5, max(idle, 0.02))
+                        continue
+                    left = self.last_activity + idle - time.monotonic()
+                    if left <= 0:
+                        log.debug("idle for %s s: exiting", idle)
+                        break
+                    timeout = left
+        finally:
+            sel.close()
+        return self._shutdown()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except OSError:
+            pass
+        self._apply_control()
+
+    def _shutdown(self) -> int:
+        for s in self.sockets:
+            try:
+                s.close()
+            except OSError:
+                pass
+        if self.stopping and self.pool.pending():
+            log.info("stopping: waiting up to %g s for %d transfer(s) to finish "
+                     "(send the signal again to end them now)",
+                     STOP_GRACE, self.pool.pending())
+        grace_ends = time.monotonic() + STOP_GRACE
+        while not self.pool.close(timeout=0.2):
+            if self.stopping == 1 and time.monotonic() >= grace_ends:
+                log.warning("stopping: grace period over, ending %d transfer(s)",
+                            self.pool.pending())
+                self.stopping = 2
+            self._end_transfers(every=self.stopping >= 2)
+        return 0
+
+    def _end_transfers(self, every: bool) -> None:
+        """End transfers at once: all of them (a forced stop, with an ERROR to
+        each peer), or only those that have finished and are dallying for a
+        lost final ACK (a graceful stop need not wait for those)."""
+        if every:
+            for job in self.pool.drop_queued():
+                self._release(job.peer)
+        with self.lock:
+            running = list(self.transfers.values())
+        for sock, engine in running:
+            if every or getattr(engine, "outcome", Outcome.RUNNING) is not Outcome.RUNNING:
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+
+    def _read_requests(self, sock: socket.socket, buf: bytearray) -> None:
+        for _ in range(256):              # bounded batch per wake-up
+            try:
+                n, anc, _flags, peer = sock.recvmsg_into([buf], _ANC_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("receive error on request socket: %s", e)
+                return
+            self._request(sock, bytes(buf[:n]), anc, peer)
+
+    def _request(self, sock: socket.socket, data: bytes, anc: list, peer: Tuple) -> None:
+        try:
+            packet = decode(data)
+        except MalformedPacket:
+            if self.debug:
+                log.debug("dropped malformed datagram from %s", show(peer))
+            return
+        if not isinstance(packet, Request):
+            if self.debug:
+                log.debug("dropped non-request from %s", show(peer))
+            return
+        if self.debug:
+            log.debug("trace %s < %s", show(peer), describe((data,)))
+        self.last_activity = time.monotonic()
+        local, ifindex = local_address(sock, anc)
+        peer, bind, family = _normalise(peer, local, ifindex, sock.family)
+        with self.lock:
+            if peer in self.active:
+                return                     # a retransmitted request: not a second transfer
+            self.active.add(peer)
+        job = Job(packet, peer, bind, family, self.last_activity)
+        if not self.pool.submit(job):
+            self._release(peer)
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._drop_logged >= 10:
+                log.warning("busy: %d request(s) dropped (all %d workers busy, queue full)",
+                            self.dropped, self.config.max_threads)
+                self._drop_logged = now
+                self.dropped = 0
+
+    def _release(self, peer: Tuple) -> None:
+        with self.lock:
+            self.active.discard(peer)
+            self.transfers.pop(peer, None)
+        self.last_activity = time.monotonic()
+
+    # -- one transfer (in a worker thread) ---------------------------------
+    def _run(self, job: Job) -> None:
+        try:
+            self._transfer(job)
+        except Exception:  # a bug: log it, keep serving
+            log.exception("internal error serving %s", show(job.peer))
+        finally:
+            self._release(job.peer)
+
+    def _transfer(self, job: Job) -> None:
+        req = job.request
+        kind = "RRQ" if req.opcode == Opcode.RRQ else "WRQ"
+        name = paths.display(req.filename)
+        who = f"{show(job.peer)} " if self.config.log_address else ""
+        sock = socket.socket(job.family, socket.SOCK_DGRAM)
+        plan: Optional[Plan] = None
+        trace = tracer(show) if self.debug else None
+        try:
+            sock.bind(job.local)
+            if trace is not None:
+                _so_debug(sock)
+            if self.stopping >= 2:
+                return
+            try:
+                plan = self.admission.admit(req)
+            except TftpError as e:
+                if trace is not None:
+                    trace(">", job.peer, (e.packet(),))
+                sock.sendto(e.packet(), job.peer)
+                log.warning("%s%s %s refused: %s", who, kind, name, e.message)
+                return
+            engine = self._engine(plan, sock, job.peer, trace)
+            with self.lock:
+                self.transfers[job.peer] = (sock, engine)
+            if self.stopping >= 2:
+                return
+            start = time.monotonic()
+            drive(engine, sock, trace=trace)
+            self._report(engine, plan, job, kind, name, who, start)
+        finally:
+            if plan is not None:
+                plan.close()
+            sock.close()
+
+    def _engine(self, plan: Plan, sock: socket.socket, peer: Tuple,
+                trace: Optional[Trace] = None):
+        n = plan.negotiated
+        cfg = self.config
+        rto = Rto(n.timeout, fixed=True) if n.timeout else Rto(cfg.timeout)
+        transmit = make_transmit(sock, trace)
+        if plan.opcode == Opcode.RRQ:
+            assert plan.source is not None
+            return Sender(plan.source, peer, transmit, blksize=n.blksize,
+                          windowsize=n.windowsize, rollover=n.rollover, rto=rto,
+                          max_timeouts=cfg.max_timeouts, oack=plan.oack)
+        assert plan.sink is not None
+        return Receiver(plan.sink, peer, transmit, blksize=n.blksize,
+                        windowsize=n.windowsize, rollover=n.rollover, rto=rto,
+                        max_timeouts=cfg.max_timeouts, oack=plan.oack,
+                        dally=min(2 * rto.value, 10.0))
+
+    def _report(self, engine, plan: Plan, job: Job, kind: str, name: str,
+                who: str, start: float) -> None:
+        end = engine.completed_at or time.monotonic()
+        if engine.outcome is Outcome.OK:
+            if self.config.verbose:
+                log.info("%s from %s %s: %s %d bytes in %.3f s (%s)", kind, show(job.peer),
+                         name, "sent" if kind == "RRQ" else "received", engine.bytes,
+                         end - start, _in_force(plan))
+        elif engine.outcome is Outcome.PEER_ERROR:
+            log.info("%s%s %s ended by client: %s", who, kind, name, engine.message)
+        else:
+            log.warning("%s%s %s failed after %d bytes: %s", who, kind, name,
+                        engine.bytes, engine.message)
+
+
+def _in_force(plan: Plan) -> str:
+    """The -v summary of a transfer's options: mode, blksize and windowsize
+    always, then every option acknowledged in the OACK, then which ones were
+    negotiated ("mode=octet blksize=1024 windowsize=1 tsize=7; negotiated:
+    blksize tsize")."""
+    n = plan.negotiated
+    acked = [(k.decode("ascii", "replace").lower(), v.decode("ascii", "replace"))
+             for k, v in n.acked]
+    parts = [f"mode={'netascii' if plan.netascii else 'octet'}",
+             f"blksize={n.blksize}", f"windowsize={n.windowsize}"]
+    parts += [f"{k}={v}" for k, v in acked if k not in ("blksize", "windowsize")]
+    text = " ".join(parts)
+    if acked:
+        text += "; negotiated: " + " ".join(k for k, _ in acked)
+    return text
+
+
+def _so_debug(sock: socket.socket, on: bool = True) -> None:
+    """SO_DEBUG (Linux: needs CAP_NET_ADMIN; quietly skipped without it)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_DEBUG, 1 if on else 0)
+    except OSError:
+        pass
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def bind_standalone(port: int, address: Optional[str]) -> socket.socket:
+    """Bind the request socket: ``[::]`` dual-stack where possible, else 0.0.0.0."""
+    if address is None:
+        try:
+            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        except OSError:
+            s = None
+        if s is not None:
+            try:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                s.bind(("::", port))
+                return s
+            except OSError:
+                s.close()
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            s.close()
+            raise
+        return s
+    import ipaddress            # only with --address: inetd starts skip it
+    ip = ipaddress.ip_address(address.split("%")[0])
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    info = socket.getaddrinfo(address, port, family, socket.SOCK_DGRAM)[0]
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind(info[4])
+    except OSError:
+        s.close()
+        raise
+    return s
