@@ -8,7 +8,6 @@ usage, and exit status 2.
 from __future__ import annotations
 
 import getopt
-import ipaddress
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -66,6 +65,7 @@ def _option(value: str) -> str:
 
 def _address(value: str) -> str:
     try:
+        import ipaddress        # only with --address: inetd starts skip it
         ipaddress.ip_address(value.split("%", 1)[0])
     except ValueError:
         raise UsageError(f"invalid address '{value}' (expected an IPv4 or IPv6 address)")
