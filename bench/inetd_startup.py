@@ -49,6 +49,18 @@ def find_inetd() -> str:
     return path
 
 
+def nobody_can_run(py: str, pkg: str) -> bool:
+    """True if user nobody can execute ``py`` and read the package."""
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        return False
+    probe = subprocess.run([py, "-I", "-S", "-c", f"import os; os.stat({pkg + '/main.py'!r})"],
+                           preexec_fn=lambda: (os.setgid(nobody.pw_gid), os.setuid(nobody.pw_uid)),
+                           capture_output=True, cwd="/")
+    return probe.returncode == 0
+
+
 def free_port() -> int:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))
@@ -122,6 +134,9 @@ def first_data(port: int, timeout: float = 10.0) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--python", default="/usr/bin/python3" if os.path.exists("/usr/bin/python3")
+                    else sys.executable,
+                    help="interpreter for the -I -S forms (default: /usr/bin/python3)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (inetd switches to the service user)")
@@ -134,20 +149,25 @@ def main() -> int:
     (root / "one.bin").write_bytes(b"x" * 100)
     os.chmod(root / "one.bin", 0o644)
     me = pwd.getpwuid(os.getuid()).pw_name
-    py = sys.executable
+    py = args.python
+    venv = sys.executable
     pkg = str(REPO / "tftpd")
     common = f"--root {root} --access-file {work}/none.ctl --idle-timeout 0"
-    servers: Dict[str, Tuple[int, str]] = {}
+    servers: Dict[str, Tuple[int, str, str]] = {}
 
-    def add(name: str, program: str, argv: str) -> None:
-        servers[name] = (free_port(), f"{program} {argv}")
+    def add(name: str, user: str, program: str, argv: str) -> None:
+        servers[name] = (free_port(), user, f"{program} {argv}")
 
-    add("in.tftpd (tftp-hpa)", find_in_tftpd(), f"in.tftpd -s {root} -t 0")
-    add("tftpd  python3 -I -S <pkg dir>", py, f"{py} -I -S {pkg} {common}")
-    add("tftpd  python3 -I -m tftpd", py, f"{py} -I -m tftpd {common}")
+    add("in.tftpd (tftp-hpa)", me, find_in_tftpd(), f"in.tftpd -s {root} -t 0")
+    add("tftpd -I -S .../__main__.py", me, py, f"{py} -I -S {pkg}/__main__.py {common}")
+    if nobody_can_run(py, pkg):
+        add("  same, inetd user nobody", "nobody", py,
+            f"{py} -I -S {pkg}/__main__.py {common}")
+    add("tftpd -I -S .../tftpd (dir)", me, py, f"{py} -I -S {pkg} {common}")
+    add("tftpd venv -I -m tftpd", me, venv, f"{venv} -I -m tftpd {common}")
     conf = work / "inetd.conf"
-    conf.write_text("".join(f"{port} dgram udp4 wait {me} {cmd}\n"
-                            for port, cmd in servers.values()))
+    conf.write_text("".join(f"{port} dgram udp4 wait {user} {cmd}\n"
+                            for port, user, cmd in servers.values()))
     inetd = Inetd(conf)
     try:
         deadline = time.monotonic() + 10
@@ -157,7 +177,7 @@ def main() -> int:
         results: Dict[str, List[float]] = {name: [] for name in servers}
         # one warm-up per server (page cache, .pyc), not counted
         for rnd in range(args.trials + 1):
-            for name, (port, _cmd) in servers.items():
+            for name, (port, _user, _cmd) in servers.items():
                 reaped = inetd.count(r" reaped, status ")
                 dt = first_data(port)
                 if not inetd.wait_count(r" reaped, status ", reaped + 1, 30):
@@ -174,6 +194,7 @@ def main() -> int:
     ref = statistics.median(results["in.tftpd (tftp-hpa)"])
     print(f"first datagram -> first DATA under openbsd-inetd, {args.trials} cold starts each"
           f" ({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})")
+    print(f"(-I -S forms with {py}; 'ratio' is the median over in.tftpd's median)")
     print(f"{'server':34} {'median':>9} {'min':>9} {'p90':>9} {'ratio':>7}")
     for name, xs in results.items():
         xs.sort()
