@@ -288,3 +288,58 @@ def test_second_sigterm_ends_transfers_at_once(daemons: Daemons, tmp_path: Path)
     t.join(20)
     assert len(result) == 1 and isinstance(result[0], TftpFailure)
     assert not pidfile.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to nobody")
+def test_pid_lock_taken_as_root_then_privileges_dropped(tmp_path: Path) -> None:
+    """The PID file is created as root; the daemon then serves as nobody.  The
+    directory is not writable by nobody, so the file stays behind at exit
+    (with a warning) and the next start replaces it as stale."""
+    import pwd
+    import shutil
+    import tempfile
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="tftpd-daemon-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        root = base / "root"
+        root.mkdir()
+        os.chmod(root, 0o755)
+        (root / "f.txt").write_bytes(b"as nobody\n")
+        os.chmod(root / "f.txt", 0o644)
+        pidfile, log = base / "tftpd.pid", base / "tftpd.log"
+
+        def start(port: int) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-m", "tftpd", "-p", str(port), "--address", "127.0.0.1",
+                 "--root", str(root), "--access-file", str(base / "none.ctl"),
+                 "--user", "nobody", "--daemon", "--pidfile", str(pidfile),
+                 "--log-file", str(log)],
+                cwd=str(ROOT), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                timeout=30)
+
+        port = free_port()
+        proc = start(port)
+        assert proc.returncode == 0, proc.stderr
+        pid = read_pid(pidfile)
+        try:
+            assert pidfile.stat().st_uid == 0
+            status = Path(f"/proc/{pid}/status").read_text()
+            uids = next(ln for ln in status.splitlines() if ln.startswith("Uid:")).split()[1:]
+            assert uids == [str(nobody.pw_uid)] * 4
+            groups = next(ln for ln in status.splitlines() if ln.startswith("Groups:"))
+            assert groups.split()[1:] in ([], [str(nobody.pw_gid)])
+            assert fetch(("127.0.0.1", port), "f.txt") == b"as nobody\n"
+        finally:
+            os.kill(pid, signal.SIGTERM)
+        assert wait_gone(pid, 10)
+        assert pidfile.exists()
+        assert "cannot remove PID file" in wait_log(log, "cannot remove PID file")
+        again = start(free_port())
+        assert again.returncode == 0, again.stderr
+        assert f"process {pid} is not running" in again.stderr
+        pid2 = read_pid(pidfile)
+        os.kill(pid2, signal.SIGTERM)
+        assert wait_gone(pid2, 10)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -46,6 +46,7 @@ log = logging.getLogger("tftpd")
 # writing right now; older than this, it is debris.
 _UNFINISHED_AGE = 5.0
 _READY = b"\0READY\n"
+START_TIMEOUT = 60.0     # the foreground gives up waiting for the daemon after this
 
 
 def read_pid(path: str) -> Optional[int]:
@@ -138,8 +139,16 @@ class _PipeHandler(logging.Handler):
 
 def _wait_for_daemon(r: int, child: int) -> int:
     """Foreground: relay the daemon's start-up errors; 0 once it serves."""
+    import select
     chunks: List[bytes] = []
+    end = time.monotonic() + START_TIMEOUT
     while True:
+        left = end - time.monotonic()
+        if left <= 0 or not select.select([r], [], [], left)[0]:
+            sys.stderr.write(f"tftpd: the daemon did not report within {START_TIMEOUT:g} s "
+                             "that it serves (see the log)\n")
+            os.close(r)
+            return 1
         try:
             data = os.read(r, 4096)
         except InterruptedError:
@@ -147,6 +156,8 @@ def _wait_for_daemon(r: int, child: int) -> int:
         if not data:
             break
         chunks.append(data)
+        if _READY in b"".join(chunks):
+            break
     os.close(r)
     try:
         os.waitpid(child, 0)
