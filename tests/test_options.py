@@ -252,7 +252,7 @@ limits = st.builds(Limits, max_blksize=st.integers(8, 65464),
                    refused=st.frozensets(st.sampled_from(sorted(KNOWN_OPTIONS))))
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=800, deadline=None)
 @given(st.sampled_from([RRQ, WRQ]), st.lists(st.tuples(names, values), max_size=10),
        limits, st.one_of(st.none(), st.integers(0, 2 ** 63 - 1)))
 def test_negotiation_never_raises_and_acks_only_valid_values(

@@ -168,7 +168,7 @@ def _fuzz_datagrams() -> st.SearchStrategy[bytes]:
     return st.one_of(st.binary(max_size=64), prefixed)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(_fuzz_datagrams())
 def test_arbitrary_bytes_decode_or_raise_malformed(wire: bytes) -> None:
     try:

@@ -89,6 +89,16 @@ def test_rto_is_clamped_to_floor_and_cap() -> None:
     assert fast.value == 0.05
 
 
+@pytest.mark.parametrize("initial", [64.0, 100.0, 255.0])
+def test_backoff_never_shortens_a_long_initial_timeout(initial: float) -> None:
+    """-t may exceed 64 s; doubling must not bring the timeout below it."""
+    rto = Rto(initial)
+    rto.backoff()
+    assert rto.value == initial
+    rto.sample(1000.0)
+    assert rto.value == initial
+
+
 def test_fixed_rto_ignores_samples_and_backoff() -> None:
     rto = Rto(3.0, fixed=True)
     rto.sample(0.01)
@@ -822,7 +832,7 @@ def _bounded_failure(sim: Sim) -> None:
     assert sim.server_sent[-1][0] - max(heard, 1000.0) <= MAX_TIMEOUTS * MAX_RTO
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(transfer_case())
 def test_lossy_link_read_exact_bytes_or_clean_timeout(case: tuple) -> None:
     blksize, windowsize, size, seed = case
@@ -853,7 +863,7 @@ def test_lossy_link_read_exact_bytes_or_clean_timeout(case: tuple) -> None:
         assert bytes(client.data) == body
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(transfer_case())
 def test_lossy_link_write_exact_bytes_or_clean_timeout(case: tuple) -> None:
     blksize, windowsize, size, seed = case

@@ -59,16 +59,19 @@ class Rto:
 
     Starts at ``initial``; round-trip samples adapt it within
     [MIN_RTO, MAX_RTO]; each timeout doubles it.  A client's ``timeout``
-    option makes it ``fixed``.
+    option makes it ``fixed``.  An ``initial`` beyond either bound (``-t``
+    takes 0.01 to 255 s) widens that bound, so doubling never makes the
+    timeout shorter than the one the administrator asked for.
     """
 
-    __slots__ = ("value", "fixed", "srtt", "rttvar", "floor")
+    __slots__ = ("value", "fixed", "srtt", "rttvar", "floor", "cap")
 
     def __init__(self, initial: float, fixed: bool = False,
                  floor: float = MIN_RTO) -> None:
         self.value = initial
         self.fixed = fixed
         self.floor = min(floor, initial)
+        self.cap = max(MAX_RTO, initial)
         self.srtt = -1.0
         self.rttvar = 0.0
 
@@ -82,11 +85,12 @@ class Rto:
             self.rttvar += 0.25 * (abs(self.srtt - rtt) - self.rttvar)
             self.srtt += 0.125 * (rtt - self.srtt)
         v = self.srtt + 4 * self.rttvar
-        self.value = self.floor if v < self.floor else MAX_RTO if v > MAX_RTO else v
+        self.value = self.floor if v < self.floor else self.cap if v > self.cap else v
 
     def backoff(self) -> None:
         if not self.fixed:
-            self.value = min(self.value * 2, MAX_RTO)
+            v = self.value * 2
+            self.value = v if v < self.cap else self.cap
 
 
 class Source(Protocol):
