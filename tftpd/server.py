@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Deque, Dict, List, Optional, Set, Tuple
+from typing import Deque, Dict, List, Optional, Tuple
 
 from . import log as logsetup
 from . import paths
@@ -43,13 +43,20 @@ _THREAD_STACK = 512 * 1024
 STOP_GRACE = 60.0      # SIGTERM/SIGINT: running transfers get this long to finish
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     request: Request
     peer: Tuple          # normalised: v4-mapped peers become IPv4
     local: Tuple         # address to bind the transfer socket to
     family: int
     received: float
+    key: Tuple = ()      # (peer, request datagram): what a retransmission repeats
+    engine: Optional[object] = None   # set when the transfer starts
+
+    def finished(self) -> bool:
+        """The transfer is over but for dallying (or its socket closing)."""
+        outcome = getattr(self.engine, "outcome", Outcome.RUNNING)
+        return outcome is not Outcome.RUNNING
 
 
 def enable_pktinfo(sock: socket.socket) -> None:
@@ -172,8 +179,11 @@ class Server:
         self.idle_exit = idle_exit
         self.pool = Pool(config.max_threads, config.queue_limit, self._run)
         self.lock = threading.Lock()
-        self.active: Set[Tuple] = set()            # peers with a queued or running transfer
-        self.transfers: Dict[Tuple, Tuple[socket.socket, object]] = {}  # peer -> (sock, engine)
+        # (peer, request datagram) -> its queued or running job: a retransmitted
+        # request is recognised by this key; a different request from the same
+        # port (tftp-hpa's interactive client reuses its port) is a new transfer.
+        self.active: Dict[Tuple, Job] = {}
+        self.transfers: Dict[int, Tuple[socket.socket, object]] = {}  # id(job) -> (sock, engine)
         self.stopping = 0                          # 1: graceful, 2: forced
         self.last_activity = time.monotonic()
         self.dropped = 0
@@ -299,7 +309,7 @@ class Server:
         lost final ACK (a graceful stop need not wait for those)."""
         if every:
             for job in self.pool.drop_queued():
-                self._release(job.peer)
+                self._release(job)
         with self.lock:
             running = list(self.transfers.values())
         for sock, engine in running:
@@ -336,13 +346,15 @@ class Server:
         self.last_activity = time.monotonic()
         local, ifindex = local_address(sock, anc)
         peer, bind, family = _normalise(peer, local, ifindex, sock.family)
+        key = (peer, data)
         with self.lock:
-            if peer in self.active:
+            old = self.active.get(key)
+            if old is not None and not old.finished():
                 return                     # a retransmitted request: not a second transfer
-            self.active.add(peer)
-        job = Job(packet, peer, bind, family, self.last_activity)
+            job = Job(packet, peer, bind, family, self.last_activity, key)
+            self.active[key] = job         # (a finished one may still dally: not blocking)
         if not self.pool.submit(job):
-            self._release(peer)
+            self._release(job)
             self.dropped += 1
             now = time.monotonic()
             if now - self._drop_logged >= 10:
@@ -351,10 +363,11 @@ class Server:
                 self._drop_logged = now
                 self.dropped = 0
 
-    def _release(self, peer: Tuple) -> None:
+    def _release(self, job: Job) -> None:
         with self.lock:
-            self.active.discard(peer)
-            self.transfers.pop(peer, None)
+            if self.active.get(job.key) is job:
+                del self.active[job.key]
+            self.transfers.pop(id(job), None)
         self.last_activity = time.monotonic()
 
     # -- one transfer (in a worker thread) ---------------------------------
@@ -364,7 +377,7 @@ class Server:
         except Exception:  # a bug: log it, keep serving
             log.exception("internal error serving %s", show(job.peer))
         finally:
-            self._release(job.peer)
+            self._release(job)
 
     def _transfer(self, job: Job) -> None:
         req = job.request
@@ -390,7 +403,8 @@ class Server:
                 return
             engine = self._engine(plan, sock, job.peer, trace)
             with self.lock:
-                self.transfers[job.peer] = (sock, engine)
+                job.engine = engine
+                self.transfers[id(job)] = (sock, engine)
             if self.stopping >= 2:
                 return
             start = time.monotonic()
