@@ -258,9 +258,8 @@ def run(pidfile: str, sock: socket.socket, start: Callable[[Callable[[], None]],
         try:
             context.close()                # releases (removes) the PID file
         except Exception as e:
-            reason = getattr(e, "strerror", None) or e
             log.warning("cannot remove PID file %s: %s (the next start replaces it as stale)",
-                        pidfile, reason)
+                        pidfile, getattr(e, "strerror", None) or e)
             context.pidfile = None         # no second try from python-daemon's atexit
             context.close()
         else:

@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import sys
-from typing import List, Optional
+from typing import List, Optional, TextIO
 
 __all__ = ["setup", "reopen", "descriptors", "drop_stderr", "set_debug", "SyslogHandler"]
 
@@ -114,7 +114,7 @@ class _FileHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.path = os.path.abspath(path)     # a daemon changes to / before it reopens
         super().__init__(self._open())
 
-    def _open(self):  # type: ignore[no-untyped-def]
+    def _open(self) -> TextIO:
         return open(self.path, "a", encoding="utf-8", errors="backslashreplace")
 
     def reopen(self) -> None:
@@ -134,9 +134,9 @@ class _FileHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 def setup(stderr: bool, debug: bool = False, log_file: Optional[str] = None) -> logging.Logger:
     """Configure the "tftpd" logger.  A log file that cannot be opened raises OSError."""
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
+    for old in list(log.handlers):
+        log.removeHandler(old)
+        old.close()
     log.setLevel(logging.DEBUG if debug else logging.INFO)
     log.propagate = False
     timed = logging.Formatter(_FORMAT, _DATEFMT)

@@ -8,12 +8,12 @@ without ``-s`` pays nothing for it.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence, Tuple, Union
+from typing import Any, Callable, Sequence, Tuple, Union
 
 __all__ = ["describe", "tracer", "Trace"]
 
 Buffer = Union[bytes, bytearray, memoryview]
-Trace = Callable[[str, Tuple, Sequence[Buffer]], None]
+Trace = Callable[[str, Tuple[Any, ...], Sequence[Buffer]], None]
 
 _NAMES = {1: "RRQ", 2: "WRQ", 3: "DATA", 4: "ACK", 5: "ERROR", 6: "OACK"}
 
@@ -55,10 +55,10 @@ def describe(buffers: Sequence[Buffer]) -> str:
                                  for k, v in zip(fields[0::2], fields[1::2]))
 
 
-def tracer(show: Callable[[Tuple], str]) -> Trace:
+def tracer(show: Callable[[Tuple[Any, ...]], str]) -> Trace:
     """A trace function: ``trace(">", peer, buffers)`` for a datagram sent,
     ``"<"`` for one received."""
-    def trace(direction: str, peer: Tuple, buffers: Sequence[Buffer]) -> None:
+    def trace(direction: str, peer: Tuple[Any, ...], buffers: Sequence[Buffer]) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("trace %s %s %s", show(peer), direction, describe(buffers))
     return trace
