@@ -276,3 +276,17 @@ def test_free_bytes(tmp_path: Path) -> None:
     free = free_bytes(str(tmp_path))
     assert isinstance(free, int) and free > 0
     assert free_bytes(str(tmp_path / "missing")) is None
+
+
+def test_atomic_file_failed_finish_then_abort_leaves_no_temp(tmp_path: Path) -> None:
+    """The rename fails (the target became a directory): abort still cleans up."""
+    path = tmp_path / "victim"
+    f = AtomicFile(str(path), 0o644)
+    f.write(memoryview(b"data"))
+    path.mkdir()
+    (path / "keep").write_bytes(b"k")
+    with pytest.raises(OSError):
+        f.finish()
+    f.abort()
+    assert temps(tmp_path) == []
+    assert (path / "keep").read_bytes() == b"k"

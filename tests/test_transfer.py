@@ -935,3 +935,52 @@ def test_wrap_with_losses_at_the_wrap() -> None:
     w = write_sim(body, blksize=8, schedule=Schedule(drop=frozenset(
         {("client", 65535), ("server", 65537)}))).run()
     assert w.engine.outcome is Outcome.OK and bytes(w.engine.sink.data) == body
+
+
+# --------------------------------------------------------------------------- real files
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([8, 13, 512]), st.sampled_from([1, 4, 16]), st.booleans(),
+       st.integers(0, 2 ** 32 - 1), st.integers(0, 3000))
+def test_real_files_through_a_lossy_link(blksize: int, windowsize: int, text: bool,
+                                         seed: int, size: int) -> None:
+    """FileSource/NetasciiSource (views into one reused buffer, re-read on a
+    go-back) behind a Sender, and AtomicFile/NetasciiSink behind a Receiver."""
+    import tempfile
+    from unittest import mock
+
+    from tftpd import files, netascii
+    body = bytes(b"ab\r\n\n\r\0x"[(i * 5 + seed) % 8] for i in range(size))
+    wire = netascii.encode(body) if text else body
+    opts = make_oack(blksize=blksize, windowsize=windowsize)
+    schedule = Schedule(seed=seed, **LOSSY)
+    with tempfile.TemporaryDirectory() as d, mock.patch.object(files, "READ_CHUNK", 3 * blksize):
+        path = os.path.join(d, "f")
+        with open(path, "wb") as f:
+            f.write(body)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            src = (files.NetasciiSource(fd, blksize, windowsize) if text
+                   else files.FileSource(fd, blksize, size))
+            sim = read_sim(b"", blksize=blksize, windowsize=windowsize, oack=opts,
+                           schedule=schedule, source=src).run()
+            got = bytes(sim.client.data)
+            assert got == wire[:len(got)]
+            if sim.engine.outcome is Outcome.OK:
+                assert got == wire
+            if text:
+                assert netascii.encoded_size(fd) == len(wire)
+        finally:
+            os.close(fd)
+        target = os.path.join(d, "up")
+        atomic = files.AtomicFile(target, 0o644)
+        sink = files.NetasciiSink(atomic) if text else atomic
+        w = write_sim(wire, blksize=blksize, windowsize=windowsize, oack=opts,
+                      schedule=schedule, sink=sink).run()
+        sink.abort()                        # what Plan.close() does in any case
+        if w.engine.outcome is Outcome.OK:
+            with open(target, "rb") as f:
+                assert f.read() == body
+        else:
+            assert not os.path.exists(target)
+        assert sorted(os.listdir(d)) == (["f", "up"] if w.engine.outcome is Outcome.OK else ["f"])
