@@ -984,3 +984,40 @@ def test_real_files_through_a_lossy_link(blksize: int, windowsize: int, text: bo
         else:
             assert not os.path.exists(target)
         assert sorted(os.listdir(d)) == (["f", "up"] if w.engine.outcome is Outcome.OK else ["f"])
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["read", "write"]), st.sampled_from([1, 4]), st.booleans(),
+       st.integers(0, 2 ** 32 - 1), st.floats(0.0, 3.0))
+def test_client_error_at_any_moment_ends_quietly(direction: str, windowsize: int, with_oack: bool,
+                                                 seed: int, at: float) -> None:
+    body = content(8 * 40 + 3)
+    oack = make_oack(blksize=8, windowsize=windowsize) if with_oack else None
+    make = read_sim if direction == "read" else write_sim
+    sim = make(body, blksize=8, windowsize=windowsize if with_oack else 1, oack=oack,
+               schedule=Schedule(seed=seed, **LOSSY))
+    err = error(0, b"user aborted")
+    sim.inject(sim.now + at, CLIENT, err)
+    engine = sim.engine
+    inner = engine.receive
+    state: dict = {"running": None, "count": 0}
+
+    def receive(view: Any, addr: Any, now: float) -> None:
+        if state["running"] is None and addr == CLIENT and bytes(view) == err:
+            state["running"] = engine.outcome is Outcome.RUNNING
+            before = len(sim.server_sent)
+            inner(view, addr, now)
+            assert len(sim.server_sent) == before        # an ERROR is never answered
+            state["count"] = before
+            return
+        inner(view, addr, now)
+    engine.receive = receive
+    sim.run()
+    if state["running"] is None:          # it had ended before the ERROR came
+        assert engine.outcome in (Outcome.OK, Outcome.TIMEOUT) and engine.done
+    elif state["running"]:
+        assert engine.outcome is Outcome.PEER_ERROR and engine.done
+        assert len(sim.server_sent) == state["count"]    # nothing more, timers included
+        assert "user aborted" in engine.message
+    else:                                 # it had finished (or was dallying) by then
+        assert engine.outcome in (Outcome.OK, Outcome.TIMEOUT)
