@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from link import (
-    ACK, CLIENT, DATA, ERROR, OACK, SERVER, STRANGER,
-    BytesSink, BytesSource, ReadClient, Recorder, Schedule, Sim,
+    ACK, CLIENT, DATA, OACK, STRANGER,
+    BytesSink, BytesSource, Recorder, Schedule, Sim,
     ack, data, error, make_oack, number, opcode, read_sim, wire_number, write_sim,
 )
 from tftpd.transfer import FIRST_REPLY_TIMEOUTS, MAX_RTO, MIN_RTO, Outcome, Receiver, Rto, Sender
