@@ -1033,3 +1033,32 @@ def test_same_upload_again_while_the_first_dallies(shared: ServerProcess) -> Non
         res = peer.upload("again.bin", b"2" * 600, options={"timeout": "10"})
         assert res.error is None and res.timeouts == 0
     assert (shared.upload / "again.bin").read_bytes() == b"2" * 600
+
+
+# -- the reply address, from the ancillary data of a request (no packets) ------------
+def test_local_address_from_pktinfo() -> None:
+    import struct
+    from tftpd.server import local_address
+
+    v4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    v6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        def in_pktinfo(spec: str, dest: str) -> tuple:
+            data = struct.pack("=i", 2) + socket.inet_aton(spec) + socket.inet_aton(dest)
+            return (socket.IPPROTO_IP, 8, data)
+
+        def in6_pktinfo(dest: str, ifindex: int = 3) -> tuple:
+            return (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO,
+                    socket.inet_pton(socket.AF_INET6, dest) + struct.pack("=I", ifindex))
+
+        # unicast: the destination; broadcast: the interface's own address
+        assert local_address(v4, [in_pktinfo("192.0.2.7", "192.0.2.7")]) == ("192.0.2.7", 0)
+        assert local_address(v4, [in_pktinfo("192.0.2.7", "192.0.2.255")]) == ("192.0.2.7", 0)
+        # dual stack: the v4-mapped IPV6_PKTINFO carries the header destination
+        anc = [in6_pktinfo("::ffff:192.0.2.255", 2), in_pktinfo("192.0.2.7", "192.0.2.255")]
+        assert local_address(v6, anc) == ("192.0.2.7", 0)
+        assert local_address(v6, [in6_pktinfo("2001:db8::1")]) == ("2001:db8::1", 3)
+        assert local_address(v6, [in6_pktinfo("ff02::1")]) == (None, 3)
+    finally:
+        v4.close()
+        v6.close()

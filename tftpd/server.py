@@ -70,13 +70,24 @@ def enable_pktinfo(sock: socket.socket) -> None:
 
 
 def local_address(sock: socket.socket, ancdata: list) -> Tuple[Optional[str], int]:
-    """The destination address of a datagram and the interface it came in on."""
+    """The local address to answer a datagram from, and its interface.
+
+    IPv4 (also on a dual-stack socket, where it comes with a v4-mapped
+    IPV6_PKTINFO): ``ipi_spec_dst``, which is the destination of a unicast
+    datagram and the receiving interface's own address for a broadcast one
+    (nothing can be sent from a broadcast address).  IPv6: the destination,
+    unless it is multicast (then None: the kernel picks the source).
+    """
+    v6: Optional[Tuple[Optional[str], int]] = None
     for level, kind, data in ancdata:
-        if level == socket.IPPROTO_IPV6 and kind == _IPV6_PKTINFO and len(data) >= 20:
-            return socket.inet_ntop(socket.AF_INET6, data[:16]), int.from_bytes(
-                data[16:20], "little" if socket.htonl(1) != 1 else "big")
         if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(data) >= 12:
-            return socket.inet_ntop(socket.AF_INET, data[8:12]), 0
+            return socket.inet_ntop(socket.AF_INET, data[4:8]), 0
+        if level == socket.IPPROTO_IPV6 and kind == _IPV6_PKTINFO and len(data) >= 20:
+            ifindex = int.from_bytes(data[16:20], "little" if socket.htonl(1) != 1 else "big")
+            addr = None if data[0] == 0xFF else socket.inet_ntop(socket.AF_INET6, data[:16])
+            v6 = (addr, ifindex)
+    if v6 is not None:
+        return v6
     host = sock.getsockname()[0]
     return (None if host in ("0.0.0.0", "::") else host), 0
 
@@ -86,7 +97,12 @@ def _normalise(peer: Tuple, local: Optional[str], ifindex: int,
     """v4-mapped IPv6 peers become IPv4 (logged and served as such)."""
     host = peer[0]
     if family == socket.AF_INET6 and host.startswith("::ffff:") and "." in host:
-        lhost = local[7:] if local and local.startswith("::ffff:") else "0.0.0.0"
+        if local and local.startswith("::ffff:"):
+            lhost = local[7:]
+        elif local and "." in local:
+            lhost = local                  # from IP_PKTINFO
+        else:
+            lhost = "0.0.0.0"
         return (host[7:], peer[1]), (lhost, 0), socket.AF_INET
     if family == socket.AF_INET6:
         scope = peer[3] if len(peer) > 3 else ifindex
