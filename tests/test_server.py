@@ -1062,3 +1062,59 @@ def test_local_address_from_pktinfo() -> None:
     finally:
         v4.close()
         v6.close()
+
+
+# -- as an unprivileged user ------------------------------------------------------------
+@pytest.fixture
+def world_dir():
+    """A directory others can enter (pytest's tmp_path is 0700 and root's)."""
+    import shutil
+    import tempfile
+    path = Path(tempfile.mkdtemp(prefix="tftpd-test-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_permissions_as_nobody(world_dir: Path, host: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start as root and drop to nobody")
+    import pwd
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody")
+    root = world_dir / "root"
+    root.mkdir(mode=0o755)
+    root.chmod(0o755)
+    upload = world_dir / "upload"
+    upload.mkdir()
+    upload.chmod(0o777)
+    put(root, "public.bin", b"public\n", 0o644)
+    put(root, "group.bin", b"group only\n", 0o640)
+    put(root, "readonly.bin", b"old\n", 0o644)
+    server = start_server(["-n", "-d", str(upload), "--user", "nobody", "--access-file",
+                           str(world_dir / "none.ctl")], root, host)
+    try:
+        with Peer(server.addr) as peer:
+            res = peer.download("public.bin")
+        assert res.error is None and res.data == b"public\n"
+        cases = [(rrq("group.bin"), 2),                     # not readable by others
+                 (wrq(str(root / "readonly.bin")), 2),      # nobody may not write it
+                 (wrq(str(root / "new.bin")), 2)]           # nor create files in root
+        for packet, code in cases:
+            answers = _refused(server, packet)
+            assert [(p.op, p.code) for p, _ in answers] == [(ERROR, code)], packet
+        assert (root / "readonly.bin").read_bytes() == b"old\n"
+        assert sorted(p.name for p in root.iterdir()) == ["group.bin", "public.bin",
+                                                          "readonly.bin"]
+        with Peer(server.addr) as peer:
+            res = peer.upload("by-nobody.bin", b"mine\n")
+        assert res.error is None
+        st = (upload / "by-nobody.bin").stat()
+        assert st.st_uid == nobody.pw_uid
+        assert (upload / "by-nobody.bin").read_bytes() == b"mine\n"
+    finally:
+        server.stop()
