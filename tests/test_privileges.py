@@ -326,8 +326,10 @@ def test_every_lazy_import_is_loaded_before_the_drop() -> None:
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     if not node.module.startswith("tftpd"):
                         lazy[node.module] = path.name
-    # python-daemon is imported by the parent, before it detaches and drops privileges
-    before_drop = {"daemon", "daemon.pidfile", "lockfile"}
+    # python-daemon is imported by the parent, before it detaches and drops privileges;
+    # select: the foreground waiting for the daemon; ipaddress: --address, parsed
+    # and bound before the drop (kept out of the inetd start-up path)
+    before_drop = {"daemon", "daemon.pidfile", "lockfile", "select", "ipaddress"}
     missing = {m: f for m, f in lazy.items()
                if m not in top and m not in privileges.PRELOAD and m not in before_drop}
     assert not missing, f"lazy imports not preloaded (add to privileges.PRELOAD): {missing}"
