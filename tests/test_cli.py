@@ -262,3 +262,33 @@ def test_bind_failure_on_busy_port(tmp_path: Path, address: Optional[str]) -> No
     assert r.returncode != 0
     assert str(port) in r.stderr and "tftpd:" in r.stderr
     assert re.search(r"in use|cannot bind", r.stderr, re.I), r.stderr
+
+
+def test_no_p_and_no_root_at_a_terminal_says_use_p(tmp_path: Path) -> None:
+    """``tftpd`` typed by hand: the first thing to hear is -p, even when the
+    default read root /tftpboot does not exist."""
+    _not_a_socket(tftpd(*hermetic(tmp_path), stdin=subprocess.DEVNULL))
+
+
+def test_missing_default_root_standalone(tmp_path: Path) -> None:
+    if os.path.isdir("/tftpboot"):
+        pytest.skip("/tftpboot exists here")
+    r = tftpd("-p", "0", "--address", "127.0.0.1", *hermetic(tmp_path))
+    assert r.returncode == 2
+    lines = r.stderr.splitlines()
+    assert len(lines) == 2 and "--root" in lines[0] and "/tftpboot" in lines[0]
+    assert lines[1].startswith("usage: tftpd")
+
+
+def test_missing_default_root_inetd(tmp_path: Path) -> None:
+    """inetd mode (a UDP socket as stdin) without /tftpboot: exit 2, said on stderr."""
+    if os.path.isdir("/tftpboot"):
+        pytest.skip("/tftpboot exists here")
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind(("127.0.0.1", 0))
+        r = tftpd(*hermetic(tmp_path), stdin=s.fileno())
+    finally:
+        s.close()
+    assert r.returncode == 2, r.stderr
+    assert "--root" in r.stderr and "/tftpboot" in r.stderr

@@ -216,11 +216,18 @@ def parse_args(argv: List[str]) -> Parsed:
         if not rest:
             raise UsageError("--check: needs at least one PATH to check")
         return Parsed(config, check=True, paths=list(rest))
-    if "root" not in values and not os.path.isdir(config.root):
-        raise UsageError(f"--root: directory '{config.root}' (the default) does not exist")
+    # (inetd mode checks it after its socket: a tftpd typed at a terminal
+    # without -p hears first that it needs -p)
+    if config.port is not None and "root" not in values:
+        check_default_root(config)
     if config.daemon and config.port is None:
         raise UsageError("--daemon: needs -p PORT")
     return Parsed(config)
+
+
+def check_default_root(config: Config) -> None:
+    if not os.path.isdir(config.root):
+        raise UsageError(f"--root: directory '{config.root}' (the default) does not exist")
 
 
 def version_text() -> str:

@@ -14,7 +14,7 @@ from typing import Callable, List, Optional
 from . import log as logsetup
 from . import privileges
 from .access import AccessTable
-from .cli import UsageError, fail, help_text, parse_args, version_text
+from .cli import UsageError, check_default_root, fail, help_text, parse_args, version_text
 from .config import Config
 
 __all__ = ["main"]
@@ -182,6 +182,14 @@ def inetd(config: Config) -> int:
     if not _setup_log(config, stderr=stderr_ok):
         listen.close()
         return 1
+    try:
+        check_default_root(config)
+    except UsageError as e:         # no --root and no /tftpboot
+        listen.close()
+        if stderr_ok:
+            return fail(str(e))
+        logging.getLogger("tftpd").error("%s", e)   # stderr is inetd's socket
+        return 2
     if not _drop_privileges(config):
         listen.close()
         return 1
