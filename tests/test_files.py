@@ -197,6 +197,8 @@ def test_atomic_file_replaces_only_at_finish(target: Path) -> None:
     assert os.path.dirname(f.temp) == str(target.parent)
     assert os.path.basename(f.temp).startswith(f"{TEMP_PREFIX}boot.img.")
     assert os.stat(target).st_ino == before.st_ino
+    # an unfinished upload is nobody else's to read (a RRQ needs o+r)
+    assert stat.S_IMODE(os.stat(f.temp).st_mode) == 0o600
     f.finish()
     assert target.read_bytes() == new
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o640

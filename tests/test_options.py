@@ -123,6 +123,15 @@ def test_tsize_wrq_is_the_clients_size() -> None:
     assert n.tsize == 10 ** 19 - 1
 
 
+def test_tsize_wrq_huge_is_parsed_so_it_can_be_refused() -> None:
+    """A WRQ announcing more than any disk holds must get ERROR 3 before any
+    data moves (SPEC 3.6), so a 20-digit tsize is a number, not junk."""
+    n = neg(WRQ, (b"tsize", TWENTY_DIGITS))
+    assert n.tsize == int(TWENTY_DIGITS)
+    n = neg(WRQ, (b"tsize", b"9" * 41))
+    assert n.acked == [] and n.tsize is None
+
+
 BAD_VALUES = [b"", b"-1", b"abc", b"1e3", TWENTY_DIGITS, b"5.5", b" 512", b"512 ", b"+512",
               b"0x200", b"\xd9\xa1\xd9\xa2", b"\xef\xbc\x95\xef\xbc\x91\xef\xbc\x92", b"51 2",
               b"512\n", b"1" * 11]
@@ -132,8 +141,8 @@ BAD_VALUES = [b"", b"-1", b"abc", b"1e3", TWENTY_DIGITS, b"5.5", b" 512", b"512 
 @pytest.mark.parametrize("value", BAD_VALUES)
 @pytest.mark.parametrize("opcode", [RRQ, WRQ])
 def test_bad_values_are_not_acked(name: str, value: bytes, opcode: Opcode) -> None:
-    if name == "tsize" and value == b"1" * 11:
-        return                            # eleven digits is a fine file size
+    if name == "tsize" and value in (b"1" * 11, TWENTY_DIGITS):
+        return                            # a fine (if huge) file size: see below
     n = neg(opcode, (name.encode(), value))
     assert n.acked == []
     assert (n.blksize, n.windowsize, n.timeout, n.tsize, n.rollover) == (512, 1, None, None, 0)
@@ -206,7 +215,7 @@ def oracle(opcode: Opcode, options: Tuple[Tuple[bytes, bytes], ...], limits: Lim
         if name in limits.refused:
             continue
         if name == "tsize":
-            v = _oracle_number(value, 19)
+            v = _oracle_number(value, 40)
             if v is None:
                 continue
             if opcode == RRQ:

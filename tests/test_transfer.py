@@ -1021,3 +1021,21 @@ def test_client_error_at_any_moment_ends_quietly(direction: str, windowsize: int
         assert "user aborted" in engine.message
     else:                                 # it had finished (or was dallying) by then
         assert engine.outcome in (Outcome.OK, Outcome.TIMEOUT)
+
+
+def test_receiver_is_complete_before_its_final_ack_leaves() -> None:
+    """The client may send its next request the moment the final ACK arrives:
+    by then the transfer must already count as finished (not a duplicate)."""
+    seen: List[Any] = []
+    r: Receiver
+
+    def transmit(buffers: Any, addr: Any) -> None:
+        seen.append((b"".join(bytes(b) for b in buffers), r.outcome, r.completed_at))
+
+    r = Receiver(BytesSink(), CLIENT, transmit, blksize=8, rto=Rto(1.0))
+    r.start(0.0)
+    r.receive(b"\x00\x03\x00\x01" + b"x" * 8, CLIENT, 0.1)
+    r.receive(b"\x00\x03\x00\x02" + b"y" * 3, CLIENT, 0.2)
+    final, outcome, completed = seen[-1]
+    assert final == b"\x00\x04\x00\x02"
+    assert outcome is Outcome.OK and completed == 0.2

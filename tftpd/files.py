@@ -108,10 +108,7 @@ class AtomicFile:
         self.target = target
         fd, self.temp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{name[:64]}.",
                                          suffix=TEMP_SUFFIX, dir=directory)
-        try:
-            os.fchmod(fd, mode)
-        except OSError:
-            pass
+        self.mode = mode       # applied in finish(): an unfinished upload stays 0600
         self.file = os.fdopen(fd, "wb", buffering=256 * 1024)
         self.done = False
 
@@ -120,6 +117,10 @@ class AtomicFile:
 
     def finish(self) -> None:
         self.file.flush()
+        try:
+            os.fchmod(self.file.fileno(), self.mode)
+        except OSError:
+            pass
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.temp, self.target)

@@ -63,7 +63,9 @@ def _blksize(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[b
 
 # A size has at most 19 digits: 20 digits do not fit a 64-bit off_t, and the
 # WRQ value is echoed back to a client that could not hold it either.
-MAX_TSIZE_DIGITS = 19
+# tsize has no upper bound (RFC 2349): a WRQ announcing more than any disk holds
+# must get ERROR 3 "before any data moves", so huge values are parsed, not ignored.
+MAX_TSIZE_DIGITS = 40
 
 
 def _tsize(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[bytes]:

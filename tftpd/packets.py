@@ -19,7 +19,7 @@ from typing import Tuple, Union
 __all__ = [
     "Opcode", "ErrorCode", "MalformedPacket", "TftpError",
     "Request", "Data", "Ack", "Error", "OAck", "Packet",
-    "decode", "encode", "data_header", "ack_packet", "error_packet",
+    "decode", "encode", "data_header", "ack_packet", "error_packet", "oack_packet",
 ]
 
 
@@ -127,6 +127,11 @@ def decode(datagram: bytes) -> Packet:
     body = data[2:]
     if op in (Opcode.RRQ, Opcode.WRQ):
         fields = _strings(body)
+        padded = len(fields)
+        while len(fields) > 2 and not fields[-1]:
+            fields.pop()       # NUL padding after the last field (some boot ROMs)
+        if len(fields) < padded and len(fields) % 2:
+            fields.append(b"")  # ...but the last option's value was empty
         if len(fields) < 2:
             raise MalformedPacket("request without a mode")
         filename, mode = fields[0], fields[1]

@@ -407,11 +407,13 @@ class Receiver(_Transfer):
                                  (ErrorCode.UNDEFINED, "Write failed"))
                 return
             if n - 4 < self.blksize:
-                self._send_ack(now)
+                # Complete before the final ACK leaves: the client may send its
+                # next request the moment it arrives.
                 self.completed_at = now
                 self.outcome = Outcome.OK
                 self.dallying = True
                 self.deadline = now + self.dally
+                self._send_ack(now)
                 return
             self.unacked += 1
             if self.unacked >= self.window:
