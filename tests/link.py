@@ -76,13 +76,13 @@ def wire_number(index: int, rollover: int = 0) -> int:
 # --------------------------------------------------------------------------- files
 
 class Recorder:
-    """A ``transmit`` callback that keeps a copy of every datagram, as sendmsg would."""
+    """A ``transmit`` callback that keeps a copy of every datagram, as sendto would."""
 
     def __init__(self) -> None:
         self.sent: List[Tuple[bytes, Address]] = []
 
-    def __call__(self, buffers: Sequence[Any], addr: Address) -> None:
-        self.sent.append((b"".join(buffers), addr))
+    def __call__(self, packet: Any, addr: Address) -> None:
+        self.sent.append((bytes(packet), addr))
 
     def take(self) -> List[bytes]:
         """The datagrams sent since the last take (all of them to the peer)."""
@@ -93,17 +93,17 @@ class Recorder:
 
 
 class BytesSource:
-    """A fast in-memory source; its views are into immutable bytes."""
+    """A fast in-memory source of DATA packets."""
 
     def __init__(self, content: bytes, blksize: int) -> None:
         self.view = memoryview(content)
         self.blksize = blksize
         self.calls = 0
 
-    def block(self, index: int) -> memoryview:
+    def packet(self, index: int, number: int) -> bytes:
         self.calls += 1
         off = (index - 1) * self.blksize
-        return self.view[off:off + self.blksize]
+        return struct.pack("!HH", 3, number) + self.view[off:off + self.blksize]
 
 
 class BytesSink:
@@ -428,8 +428,8 @@ class Sim:
         self._view = memoryview(self._buf)
 
     # the engine's transmit callback
-    def transmit(self, buffers: Sequence[Any], addr: Address) -> None:
-        payload = b"".join(buffers)
+    def transmit(self, packet: Any, addr: Address) -> None:
+        payload = bytes(packet)
         self.server_sent.append((self.now, addr, payload))
         self.link.send("server", SERVER, addr, payload, self.now)
 

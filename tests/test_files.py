@@ -71,7 +71,7 @@ def test_file_source_blocks_are_the_files_slices(case: tuple) -> None:
     with TempFd(body) as fd, mock.patch.object(files, "READ_CHUNK", chunk):
         src = FileSource(fd, blksize, hint)
         for i in walk + list(range(1, size // blksize + 3)):
-            got = src.block(i)
+            got = src.packet(i, 1)[4:]
             assert isinstance(got, memoryview)
             assert bytes(got) == body[(i - 1) * blksize:i * blksize], (i, blksize, size)
 
@@ -85,7 +85,7 @@ def test_file_source_whole_file_in_order(size: int, blksize: int) -> None:
         out = []
         i = 1
         while True:
-            block = bytes(src.block(i))
+            block = bytes(src.packet(i, 1)[4:])
             out.append(block)
             if len(block) < blksize:
                 break
@@ -104,15 +104,15 @@ def test_file_source_survives_a_file_that_shrinks(chunk: int, shrink_to: int, af
         src = FileSource(fd, 512, len(body))
         served = []
         for i in range(1, after + 1):
-            served.append(bytes(src.block(i)))
+            served.append(bytes(src.packet(i, 1)[4:]))
         os.ftruncate(fd, shrink_to)
         i = after + 1
         for _ in range(200):
-            block = bytes(src.block(i))
+            block = bytes(src.packet(i, 1)[4:])
             served.append(block)
             if len(block) < 512:
                 break
-            src.block(max(1, i - 3))          # a go-back, as after a timeout
+            src.packet(max(1, i - 3), 1)[4:]          # a go-back, as after a timeout
             i += 1
         else:
             raise AssertionError("no short block after the file shrank")
@@ -127,7 +127,7 @@ def test_file_source_of_a_file_that_grew_serves_what_is_there() -> None:
     with TempFd(body[:1000]) as fd:
         src = FileSource(fd, 512, 1000)
         os.pwrite(fd, body[1000:], 1000)
-        got = b"".join(bytes(src.block(i)) for i in range(1, 7))
+        got = b"".join(bytes(src.packet(i, 1)[4:]) for i in range(1, 7))
         assert got == body
 
 
@@ -145,7 +145,7 @@ def test_netascii_source_blocks_are_slices_of_the_encoding(body: bytes, case: tu
     with TempFd(body) as fd, mock.patch.object(files, "READ_CHUNK", chunk):
         src = NetasciiSource(fd, blksize, window)
         for i in walk + list(range(1, len(wire) // blksize + 3)):
-            assert bytes(src.block(i)) == wire[(i - 1) * blksize:i * blksize], i
+            assert bytes(src.packet(i, 1)[4:]) == wire[(i - 1) * blksize:i * blksize], i
 
 
 def test_netascii_source_far_go_back_is_still_right() -> None:
@@ -154,7 +154,7 @@ def test_netascii_source_far_go_back_is_still_right() -> None:
     with TempFd(body) as fd, mock.patch.object(files, "READ_CHUNK", 100):
         src = NetasciiSource(fd, 64, 1)
         for i in (1, 50, 200, 3, 240, 1, 241):
-            assert bytes(src.block(i)) == wire[(i - 1) * 64:i * 64]
+            assert bytes(src.packet(i, 1)[4:]) == wire[(i - 1) * 64:i * 64]
 
 
 @pytest.mark.parametrize("window", [1, 4, 16])
@@ -165,10 +165,10 @@ def test_netascii_source_go_back_within_the_window_does_not_reread(window: int) 
             mock.patch.object(files.os, "pread", wraps=os.pread) as pread:
         src = NetasciiSource(fd, 32, window)
         for top in range(1, len(wire) // 32 + 2):
-            assert bytes(src.block(top)) == wire[(top - 1) * 32:top * 32]
+            assert bytes(src.packet(top, 1)[4:]) == wire[(top - 1) * 32:top * 32]
             calls = pread.call_count
             for back in range(max(1, top - window), top + 1):
-                assert bytes(src.block(back)) == wire[(back - 1) * 32:back * 32]
+                assert bytes(src.packet(back, 1)[4:]) == wire[(back - 1) * 32:back * 32]
             assert pread.call_count == calls, (top, window)
 
 
@@ -292,3 +292,16 @@ def test_atomic_file_failed_finish_then_abort_leaves_no_temp(tmp_path: Path) -> 
     f.abort()
     assert temps(tmp_path) == []
     assert (path / "keep").read_bytes() == b"k"
+
+
+@pytest.mark.parametrize("blksize", [8, 512, 65464])
+def test_file_source_packets_carry_the_header_and_share_the_buffer(blksize: int) -> None:
+    """packet() is a whole DATA datagram: header written in place, no copy."""
+    body = pattern(blksize * 3 + 5)
+    with TempFd(body) as fd:
+        src = FileSource(fd, blksize, len(body))
+        for index, number in [(1, 1), (2, 65535), (3, 0), (4, 7)]:
+            pkt = src.packet(index, number)
+            assert isinstance(pkt, memoryview) and pkt.obj is src.buf
+            assert bytes(pkt[:4]) == b"\x00\x03" + number.to_bytes(2, "big")
+            assert bytes(pkt[4:]) == body[(index - 1) * blksize:index * blksize]

@@ -725,10 +725,10 @@ class FailingSource:
         self.inner = BytesSource(body, 8)
         self.fail_at = fail_at
 
-    def block(self, index: int) -> Any:
+    def packet(self, index: int, number: int) -> Any:
         if index >= self.fail_at:
             raise OSError(errno.EIO, "Input/output error")
-        return self.inner.block(index)
+        return self.inner.packet(index, number)
 
 
 def test_read_error_ends_sender_with_error_0() -> None:
@@ -1029,8 +1029,8 @@ def test_receiver_is_complete_before_its_final_ack_leaves() -> None:
     seen: List[Any] = []
     r: Receiver
 
-    def transmit(buffers: Any, addr: Any) -> None:
-        seen.append((b"".join(bytes(b) for b in buffers), r.outcome, r.completed_at))
+    def transmit(packet: Any, addr: Any) -> None:
+        seen.append((bytes(packet), r.outcome, r.completed_at))
 
     r = Receiver(BytesSink(), CLIENT, transmit, blksize=8, rto=Rto(1.0))
     r.start(0.0)

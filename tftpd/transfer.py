@@ -6,10 +6,11 @@ A transfer is driven by three calls, as aioquic drives a connection:
 * ``receive(datagram, addr, now)`` handles one datagram from any address;
 * ``on_timer(now)`` is called once ``now >= deadline``.
 
-Packets leave through the ``transmit(buffers, addr)`` callback given to the
-constructor (a DATA packet is a header and a memoryview of file data, so the
-driver can hand both to ``sendmsg`` without copying).  Time is whatever the
-caller says it is: tests move it by hand.
+Packets leave through the ``transmit(packet, addr)`` callback given to the
+constructor, one buffer per datagram (a DATA packet is a memoryview of the
+source's buffer, header included, so the driver hands it to ``sendto``
+without copying; the callback must be done with it when it returns).  Time is
+whatever the caller says it is: tests move it by hand.
 
 Both sides follow RFC 1350 with RFC 1123 4.2.3 (adaptive timeout with backoff,
 no retransmission on a duplicate ACK), RFC 7440 windows (go-back-N from the
@@ -23,7 +24,7 @@ import enum
 import errno
 import math
 import struct
-from typing import Callable, Optional, Protocol, Sequence, Tuple, Union
+from typing import Callable, Optional, Protocol, Tuple, Union
 
 from .packets import ErrorCode, Opcode, error_packet
 
@@ -32,7 +33,7 @@ __all__ = ["Outcome", "Rto", "Sender", "Receiver", "Source", "Sink",
 
 Address = Tuple  # (host, port) or (host, port, flowinfo, scope_id)
 Buffer = Union[bytes, bytearray, memoryview]
-Transmit = Callable[[Sequence[Buffer], Address], None]
+Transmit = Callable[[Buffer, Address], None]
 
 _DATA_HDR = struct.Struct("!HH")
 _ERR_TID = error_packet(ErrorCode.UNKNOWN_TID, "Unknown transfer ID")
@@ -41,6 +42,8 @@ _ERR_TID = error_packet(ErrorCode.UNKNOWN_TID, "Unknown transfer ID")
 # ACK 0) at most this many times: a spoofed request cannot make the server
 # send more than that many datagrams to its victim.
 FIRST_REPLY_TIMEOUTS = 3
+
+_INF = math.inf
 
 MIN_RTO = 0.2
 MAX_RTO = 64.0
@@ -94,9 +97,13 @@ class Rto:
 
 
 class Source(Protocol):
-    """File data for a sender, cut into blocks (index 1 is the first)."""
+    """File data for a sender as DATA packets (index 1 is the first block).
 
-    def block(self, index: int) -> Buffer: ...
+    ``packet(index, number)`` is the DATA packet of block ``index`` with wire
+    block number ``number``; a payload shorter than blksize ends the file.
+    """
+
+    def packet(self, index: int, number: int) -> Buffer: ...
 
 
 class Sink(Protocol):
@@ -155,7 +162,7 @@ class _Transfer:
     def _finish(self, outcome: Outcome, message: str = "",
                 error: Optional[Tuple[ErrorCode, str]] = None) -> None:
         if error is not None:
-            self.transmit((error_packet(error[0], error[1]),), self.peer)
+            self.transmit(error_packet(error[0], error[1]), self.peer)
         if self.outcome is Outcome.RUNNING:
             self.outcome = outcome
             self.message = message
@@ -172,7 +179,7 @@ class _Transfer:
         """A datagram from another TID: answer ERROR 5 unless it is an ERROR."""
         if len(data) >= 2 and data[0] == 0 and data[1] == Opcode.ERROR:
             return
-        self.transmit((_ERR_TID,), addr)
+        self.transmit(_ERR_TID, addr)
 
     def _peer_error(self, data: Buffer) -> None:
         code = data[2] << 8 | data[3] if len(data) >= 4 else 0
@@ -196,7 +203,12 @@ class _Transfer:
 
 
 class Sender(_Transfer):
-    """Serves a read request: sends DATA, receives ACK."""
+    """Serves a read request: sends DATA, receives ACK.
+
+    ``receive`` handles a steady-state ACK inline (the per-block path: no
+    further calls but the source, the RTT sample and ``transmit``); every
+    other case goes through ``_other``.
+    """
 
     def __init__(self, source: Source, peer: Address, transmit: Transmit, *,
                  blksize: int = 512, windowsize: int = 1, rollover: int = 0,
@@ -210,6 +222,7 @@ class Sender(_Transfer):
         self.last = 0          # index of the final (short) block, once known
         self.last_len = 0
         self.waiting_oack = oack is not None
+        self.modulus = self.wire.modulus
 
     @property
     def bytes(self) -> int:
@@ -221,7 +234,7 @@ class Sender(_Transfer):
     def start(self, now: float) -> None:
         if self.waiting_oack:
             assert self.first is not None
-            self.transmit((self.first,), self.peer)
+            self.transmit(self.first, self.peer)
             self.sent_at = now
             self.deadline = now + self.rto.value
         else:
@@ -235,17 +248,16 @@ class Sender(_Transfer):
         index = self.next
         if index >= end:
             return
-        source, transmit, peer, number = self.source, self.transmit, self.peer, self.wire.number
-        pack = _DATA_HDR.pack
-        blksize = self.blksize
+        packet, transmit, peer = self.source.packet, self.transmit, self.peer
+        full = self.blksize + 4
         try:
             while index < end:
-                payload = source.block(index)
-                transmit((pack(3, number(index)), payload), peer)
+                pkt = packet(index, index if index <= 65535 else self.wire.number(index))
+                transmit(pkt, peer)
                 index += 1
-                if len(payload) < blksize:
+                if len(pkt) < full:
                     self.last = index - 1
-                    self.last_len = len(payload)
+                    self.last_len = len(pkt) - 4
                     break
         except OSError as e:
             self._finish(Outcome.ERROR, f"read failed: {e.strerror or e}",
@@ -256,38 +268,23 @@ class Sender(_Transfer):
         self.deadline = now + self.rto.value
 
     def receive(self, data: Buffer, addr: Address, now: float) -> None:
-        if addr != self.peer:
-            self._stray(data, addr)
+        if (addr != self.peer or len(data) < 4 or data[1] != 4 or data[0]
+                or self.waiting_oack or self.deadline == _INF):
+            self._other(data, addr, now)
             return
-        if self.done:
-            return
-        n = len(data)
-        if n >= 4 and data[0] == 0:
-            op = data[1]
-            if op == 4:
-                self._ack(data[2] << 8 | data[3], now)
-                return
-            if op == 5:
-                self._peer_error(data)
-                return
-        if n >= 2 and data[0] == 0 and data[1] == 5:
-            self._peer_error(data)    # a truncated ERROR: still never answer it
-            return
-        self._illegal("Illegal TFTP operation: expected ACK")
-
-    def _ack(self, wire: int, now: float) -> None:
-        if self.waiting_oack:
-            if wire != 0:
-                return                       # not the ACK of our OACK: ignore
-            self.waiting_oack = False
-            self._progress(now)
-            self._send_window(now)
-            return
-        d = self.wire.distance(wire, self.base)
-        if d >= self.next - self.base:
+        # An ACK in the data phase.
+        base = self.base
+        acked = base + ((data[2] << 8 | data[3]) - base) % self.modulus
+        if acked >= self.next:
             return    # duplicate or future ACK: never retransmit on it (RFC 1123)
-        acked = self.base + d
-        self._progress(now)
+        rto = self.rto
+        if self.retransmitted:
+            self.retransmitted = False
+        else:
+            rto.sample(now - self.sent_at)
+        self.answered = True
+        self.timeouts = 0
+        self.deadline = now + rto.value
         self.base = acked + 1
         if acked == self.last:
             self.completed_at = now
@@ -297,20 +294,36 @@ class Sender(_Transfer):
             self.next = acked + 1        # the peer reported a gap: go back
         self._send_window(now)
 
-    def _progress(self, now: float) -> None:
-        if not self.retransmitted:
-            self.rto.sample(now - self.sent_at)
-        self.retransmitted = False
-        self.answered = True
-        self.timeouts = 0
-        self.deadline = now + self.rto.value
+    def _other(self, data: Buffer, addr: Address, now: float) -> None:
+        if addr != self.peer:
+            self._stray(data, addr)
+            return
+        if self.done:
+            return
+        n = len(data)
+        if n >= 2 and data[0] == 0 and data[1] == 5:
+            self._peer_error(data)    # even a truncated ERROR is never answered
+            return
+        if n >= 4 and data[0] == 0 and data[1] == 4:     # waiting for ACK 0
+            if data[2] == 0 and data[3] == 0:
+                self.waiting_oack = False
+                if self.retransmitted:
+                    self.retransmitted = False
+                else:
+                    self.rto.sample(now - self.sent_at)
+                self.answered = True
+                self.timeouts = 0
+                self.deadline = now + self.rto.value
+                self._send_window(now)
+            return                       # not the ACK of our OACK: ignore
+        self._illegal("Illegal TFTP operation: expected ACK")
 
     def on_timer(self, now: float) -> None:
         if now < self.deadline or self._timed_out():
             return
         if self.waiting_oack:
             assert self.first is not None
-            self.transmit((self.first,), self.peer)
+            self.transmit(self.first, self.peer)
             self.sent_at = now
             self.deadline = now + self.rto.value
         else:
@@ -339,9 +352,9 @@ class Receiver(_Transfer):
 
     def _send_ack(self, now: float) -> None:
         if self.received == 0 and self.first is not None:
-            self.transmit((self.first,), self.peer)
+            self.transmit(self.first, self.peer)
         else:
-            self.transmit((_DATA_HDR.pack(4, self.wire.number(self.received)),), self.peer)
+            self.transmit(_DATA_HDR.pack(4, self.wire.number(self.received)), self.peer)
         self.unacked = 0
         self.sent_at = now
 

@@ -1,8 +1,8 @@
 """One transfer on one socket: the thin driver around a sans-IO engine.
 
 The per-block path is: ``recvfrom_into`` a preallocated buffer, hand a
-memoryview to the engine, which calls ``transmit`` -> ``sendmsg`` with the
-DATA header and a memoryview of file data.  The receive timeout is the
+memoryview to the engine, which calls ``transmit`` -> ``sendto`` with a
+memoryview of the source's buffer (DATA header and file data, no copy).  The receive timeout is the
 socket's SO_RCVTIMEO, set only when the needed wait changes (a Python socket
 timeout would add a ``poll()`` to every receive).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 from .packets import ErrorCode
 from .trace import Trace
@@ -27,22 +27,20 @@ _RECV_SIZE = 65536 + 4
 
 
 def make_transmit(sock: socket.socket, trace: Optional[Trace] = None
-                  ) -> Callable[[Sequence[Buffer], Address], None]:
-    sendmsg = sock.sendmsg
+                  ) -> Callable[[Buffer, Address], None]:
+    sendto = sock.sendto
 
-    def transmit(buffers: Sequence[Buffer], addr: Address) -> None:
+    def transmit(packet: Buffer, addr: Address) -> None:
         try:
-            sendmsg(buffers, (), 0, addr)
-        except (BlockingIOError, InterruptedError, ConnectionRefusedError):
-            pass   # a lost datagram: the timer will resend it
+            sendto(packet, addr)
         except OSError:
-            pass
+            pass   # ENOBUFS, EPERM from a firewall...: a lost datagram, the timer resends
     if trace is None:
         return transmit
 
-    def traced(buffers: Sequence[Buffer], addr: Address) -> None:   # -s only
-        trace(">", addr, buffers)
-        transmit(buffers, addr)
+    def traced(packet: Buffer, addr: Address) -> None:   # -s only
+        trace(">", addr, (packet,))
+        transmit(packet, addr)
     return traced
 
 
