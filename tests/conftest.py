@@ -74,12 +74,12 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(args: List[str], root: Path, host: str = "127.0.0.1",
-                 timeout: float = 15.0) -> ServerProcess:
-    cmd = [sys.executable, "-m", "tftpd", "-p", "0", "--address", host,
-           "--root", str(root)] + list(args)
-    proc = subprocess.Popen(cmd, cwd=str(ROOT), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def launch(args: List[str], root: Path = Path("."), host: str = "127.0.0.1",
+           timeout: float = 15.0) -> ServerProcess:
+    """Start ``python -m tftpd ARGS`` and wait for its "listening on" line."""
+    proc = subprocess.Popen([sys.executable, "-m", "tftpd", *args], cwd=str(ROOT),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     lines: List[str] = []
     ready = threading.Event()
     port_box: List[int] = []
@@ -96,10 +96,17 @@ def start_server(args: List[str], root: Path, host: str = "127.0.0.1",
 
     threading.Thread(target=reader, daemon=True).start()
     if not ready.wait(timeout) or not port_box:
-        proc.kill()
+        if proc.poll() is None:
+            proc.kill()
         proc.wait(5)
-        raise RuntimeError("tftpd did not start:\n" + "\n".join(lines))
+        raise AssertionError(f"tftpd {' '.join(args)} did not start:\n" + "\n".join(lines))
     return ServerProcess(proc, port_box[0], host, root, lines)
+
+
+def start_server(args: List[str], root: Path, host: str = "127.0.0.1",
+                 timeout: float = 15.0) -> ServerProcess:
+    return launch(["-p", "0", "--address", host, "--root", str(root)] + list(args),
+                  root, host, timeout)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import os
 import random
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from tftpd.packets import oack_packet
 from tftpd.transfer import Receiver, Rto, Sender

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import os
-import stat
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 

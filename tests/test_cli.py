@@ -13,13 +13,12 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import List, Optional
 
 import pytest
 
-from conftest import ROOT, ServerProcess
+from conftest import ROOT, ServerProcess, launch
 from tftpclient import Peer
 
 AIX_FLAGS = ["-c", "-n", "-p", "-r", "-t", "-x", "-z", "-v", "-i", "-s", "-d"]
@@ -37,30 +36,7 @@ def hermetic(tmp_path: Path) -> List[str]:
 
 def start(args: List[str], timeout: float = 15.0) -> ServerProcess:
     """Start ``python -m tftpd ARGS`` and wait for its "listening on" line."""
-    proc = subprocess.Popen([sys.executable, "-m", "tftpd", *args], cwd=str(ROOT),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines: List[str] = []
-    ready = threading.Event()
-    port: List[int] = []
-
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            m = re.search(r"listening on \[?([^\]\s]*)\]?:(\d+)", line)
-            if m and not port:
-                port.append(int(m.group(2)))
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=reader, daemon=True).start()
-    if not ready.wait(timeout) or not port:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(5)
-        raise AssertionError(f"tftpd {' '.join(args)} did not start:\n" + "\n".join(lines))
-    return ServerProcess(proc, port[0], "127.0.0.1", Path("."), lines)
+    return launch(args, timeout=timeout)
 
 
 # -- --help and --version ---------------------------------------------------------

@@ -13,16 +13,13 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import List, Optional
 
 import pytest
 
-from conftest import ROOT, ServerProcess, start_server
+from conftest import ServerProcess, launch, start_server
 from tftpclient import (ACK, DATA, ERROR, OACK, Peer, ack, data, error,
                         rrq, wrq)
 
@@ -690,29 +687,7 @@ def test_transfer_socket_bound_to_request_address(shared: ServerProcess) -> None
 
 def _start_default_bind(root: Path, extra: List[str]) -> ServerProcess:
     """``tftpd -p 0`` without --address: the standalone default bind."""
-    cmd = [sys.executable, "-m", "tftpd", "-p", "0", "--root", str(root)] + extra
-    proc = subprocess.Popen(cmd, cwd=str(ROOT), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: List[str] = []
-    ready = threading.Event()
-    port: List[int] = []
-
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            m = re.search(r"listening on (\S+):(\d+)", line)
-            if m and not port:
-                port.append(int(m.group(2)))
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=reader, daemon=True).start()
-    if not ready.wait(15) or not port:
-        proc.kill()
-        proc.wait(5)
-        raise AssertionError("tftpd did not start:\n" + "\n".join(lines))
-    return ServerProcess(proc, port[0], "::", root, lines)
+    return launch(["-p", "0", "--root", str(root)] + extra, root, "::")
 
 
 def test_default_bind_is_dual_stack(tmp_path: Path) -> None:

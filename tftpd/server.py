@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import os
 import selectors
 import signal
@@ -25,7 +24,7 @@ from . import log as logsetup
 from . import paths
 from .admission import Admission, Plan, Policy
 from .config import Config
-from .packets import ErrorCode, MalformedPacket, Opcode, Request, TftpError, decode
+from .packets import MalformedPacket, Opcode, Request, TftpError, decode
 from .trace import Trace, describe, tracer
 from .transfer import Outcome, Receiver, Rto, Sender
 from .worker import drive, make_transmit
