@@ -21,9 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
