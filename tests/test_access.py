@@ -5,9 +5,10 @@ admission (SPEC 3.5, 3.6) on a real directory tree."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 from hypothesis import given, settings
@@ -15,10 +16,44 @@ from hypothesis import strategies as st
 
 from conftest import ROOT
 from tftpd import access, paths
+from tftpd import log as tftpd_log
 from tftpd.access import AccessTable, decide, parse, resolve
 from tftpd.admission import Admission
 from tftpd.config import Config
 from tftpd.packets import ErrorCode, Opcode, Request, TftpError
+
+
+class LogCapture(tftpd_log.Handler):
+    """pytest's caplog for tftpd's own logger (tftpd.log, not the standard
+    library's logging): the messages logged inside ``at_level``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: List[str] = []
+
+    def emit(self, record: tftpd_log.Record) -> None:
+        self.messages.append(record.getMessage())
+
+    @property
+    def text(self) -> str:
+        return "".join(m + "\n" for m in self.messages)
+
+    @contextlib.contextmanager
+    def at_level(self, level: str, logger: str = "tftpd") -> Iterator[None]:
+        log = tftpd_log.getLogger(logger)
+        old, handlers = log.level, list(log.handlers)
+        log.setLevel(getattr(tftpd_log, level))
+        log.handlers[:] = [self]
+        try:
+            yield
+        finally:
+            log.handlers[:] = handlers
+            log.setLevel(old)
+
+
+@pytest.fixture
+def logged() -> LogCapture:
+    return LogCapture()
 
 
 def rules(*lines: str) -> access.Rules:
@@ -304,7 +339,8 @@ def test_unchanged_file_is_not_reread(tmp_path: Path, monkeypatch) -> None:
     assert len(reads) == 2
 
 
-def test_unreadable_file_refuses_everything(tmp_path: Path, monkeypatch, caplog) -> None:
+def test_unreadable_file_refuses_everything(tmp_path: Path, monkeypatch,
+                                            logged: LogCapture) -> None:
     ctl = tmp_path / "tftpaccess.ctl"
     ctl.write_text("allow:/\n")
     real_open = os.open
@@ -315,10 +351,10 @@ def test_unreadable_file_refuses_everything(tmp_path: Path, monkeypatch, caplog)
         return real_open(path, flags, *a)
     monkeypatch.setattr(access.os, "open", no_access)
     table = AccessTable(str(ctl), [str(tmp_path)])
-    with caplog.at_level("ERROR", logger="tftpd"):
+    with logged.at_level("ERROR", logger="tftpd"):
         assert not table.allowed(str(tmp_path / "x"))
         assert not table.allowed("/etc/passwd")
-    assert "refusing every request" in caplog.text and "Permission denied" in caplog.text
+    assert "refusing every request" in logged.text and "Permission denied" in logged.text
     d = table.decide("/x")
     assert not d.allowed and d.rule is None and "cannot be read" in d.reason
     monkeypatch.setattr(access.os, "open", real_open)
@@ -343,24 +379,25 @@ def test_access_file_that_is_not_a_plain_file_refuses_everything(tmp_path: Path,
     assert table.describe().startswith("refusing every request")
 
 
-def test_warnings_are_logged_once_per_load(tmp_path: Path, caplog) -> None:
+def test_warnings_are_logged_once_per_load(tmp_path: Path, logged: LogCapture) -> None:
     ctl = tmp_path / "tftpaccess.ctl"
     ctl.write_text("allow:relative\nallow:/a\n")
     table = AccessTable(str(ctl), [])
-    with caplog.at_level("INFO", logger="tftpd"):
+    with logged.at_level("INFO", logger="tftpd"):
         for _ in range(5):
             table.allowed("/a/x")
-    assert caplog.text.count("not absolute") == 1
-    assert "1 allow and 0 deny" in caplog.text
+    assert logged.text.count("not absolute") == 1
+    assert "1 allow and 0 deny" in logged.text
 
 
-def test_world_writable_access_file_is_warned_about(tmp_path: Path, caplog) -> None:
+def test_world_writable_access_file_is_warned_about(tmp_path: Path,
+                                                    logged: LogCapture) -> None:
     ctl = tmp_path / "tftpaccess.ctl"
     ctl.write_text("allow:/a\n")
     os.chmod(ctl, 0o666)
-    with caplog.at_level("WARNING", logger="tftpd"):
+    with logged.at_level("WARNING", logger="tftpd"):
         assert AccessTable(str(ctl), []).allowed("/a/x")
-    assert "writable by others" in caplog.text
+    assert "writable by others" in logged.text
 
 
 def test_symlinked_rule_paths_cover_the_real_tree(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@ SIGHUP, SIGTERM/SIGINT graceful then forced, the bounded grace)."""
 
 from __future__ import annotations
 
-import logging
 import re
 import signal
 import socket
@@ -279,16 +278,15 @@ def test_grace_period_is_bounded(monkeypatch, root, tmp_path: Path) -> None:
 # -- syslog --------------------------------------------------------------------
 
 def test_syslog_handler_sends_daemon_facility_and_reconnects(tmp_path: Path) -> None:
-    from tftpd.log import SyslogHandler
+    from tftpd.log import DEBUG, Formatter, SyslogHandler, getLogger
     path = str(tmp_path / "log.sock")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind(path)
     server.settimeout(5)
     handler = SyslogHandler(path)
-    handler.setFormatter(logging.Formatter("tftpd[%(process)d]: %(message)s"))
-    logger = logging.getLogger("tftpd-test-syslog")
-    logger.propagate = False
-    logger.setLevel(logging.DEBUG)
+    handler.setFormatter(Formatter("tftpd[%(process)d]: %(message)s"))
+    logger = getLogger("tftpd-test-syslog")
+    logger.setLevel(DEBUG)
     logger.addHandler(handler)
     try:
         logger.warning("RRQ x refused")

@@ -18,12 +18,18 @@ threads or clocks here.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import posixpath
 import stat
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .log import Logger, getLogger
+from .record import Frozen
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+    _Signature = Tuple[object, ...]
 
 __all__ = ["Rule", "Rules", "Decision", "AccessTable", "parse", "decide",
            "normalise", "prefixes", "defaults", "refuse_all", "resolve", "MAX_FILE_SIZE"]
@@ -33,27 +39,38 @@ DENY = "deny"
 MAX_FILE_SIZE = 4 * 1024 * 1024      # a larger tftpaccess.ctl is a mistake: refuse all
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(Frozen):
+    """One ``allow:`` or ``deny:`` line."""
+
+    __slots__ = ("kind", "path", "line", "text")
     kind: str        # "allow" or "deny"
     path: str        # absolute, normalised
     line: int        # 1-based line of the access file; 0 for a built-in rule
     text: str        # the line as written (surrounding blanks removed)
+
+    def __init__(self, kind: str, path: str, line: int, text: str) -> None:
+        self._init(kind, path, line, text)
 
     def show(self) -> str:
         where = f"line {self.line}" if self.line else "built-in"
         return f"{where}: {_printable(self.text)}"
 
 
-@dataclass(frozen=True)
-class Rules:
+class Rules(Frozen):
     """The entries of one access file, by normalised path."""
 
-    allow: Dict[str, Rule] = field(default_factory=dict)
-    deny: Dict[str, Rule] = field(default_factory=dict)
-    warnings: Tuple[str, ...] = ()
-    refused: Optional[str] = None     # set: every path is denied, for this reason
-    origin: str = "tftpaccess.ctl"
+    __slots__ = ("allow", "deny", "warnings", "refused", "origin")
+    allow: Dict[str, Rule]
+    deny: Dict[str, Rule]
+    warnings: Tuple[str, ...]
+    refused: Optional[str]            # set: every path is denied, for this reason
+    origin: str
+
+    def __init__(self, allow: Optional[Dict[str, Rule]] = None,
+                 deny: Optional[Dict[str, Rule]] = None, warnings: Tuple[str, ...] = (),
+                 refused: Optional[str] = None, origin: str = "tftpaccess.ctl") -> None:
+        self._init({} if allow is None else allow, {} if deny is None else deny,
+                   warnings, refused, origin)
 
     def count(self) -> Tuple[int, int]:
         """Distinct (allow, deny) rules (a rule and its resolved form count once)."""
@@ -61,11 +78,14 @@ class Rules:
                 len({id(r) for r in self.deny.values()}))
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(Frozen):
+    __slots__ = ("allowed", "rule", "reason")
     allowed: bool
     rule: Optional[Rule]     # the rule that decided; None when no rule did
     reason: str
+
+    def __init__(self, allowed: bool, rule: Optional[Rule], reason: str) -> None:
+        self._init(allowed, rule, reason)
 
     def show(self) -> str:
         word = "allowed" if self.allowed else "denied"
@@ -194,7 +214,6 @@ def decide(rules: Rules, path: str) -> Decision:
     return Decision(True, rules.allow[chain[longest]], "allowed")
 
 
-_Signature = Tuple[object, ...]
 _UNSET: _Signature = ("unset",)
 
 
@@ -208,10 +227,10 @@ class AccessTable:
     """
 
     def __init__(self, path: str, directories: Sequence[str],
-                 log: Optional[logging.Logger] = None) -> None:
+                 log: Optional[Logger] = None) -> None:
         self.path = path
         self.directories = [d for d in directories if d]
-        self.log = log or logging.getLogger("tftpd")
+        self.log = log or getLogger("tftpd")
         self._state: Tuple[_Signature, Rules] = (_UNSET, refuse_all("not loaded yet"))
         self._loaded = False
 

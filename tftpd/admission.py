@@ -9,16 +9,26 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence, Union
 
 from . import netascii, paths
-from .config import Config
 from .files import AtomicFile, FileSource, NetasciiSink, NetasciiSource, free_bytes
-from .options import Limits, Negotiated, negotiate
-from .packets import ErrorCode, Opcode, Request, TftpError, oack_packet
+from .options import negotiate
+from .packets import ErrorCode, Opcode, TftpError, oack_packet
 
-__all__ = ["Plan", "Policy", "RootsPolicy", "Admission"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional, Protocol, Sequence, Union
+
+    from .config import Config
+    from .options import Limits, Negotiated
+    from .packets import Request
+
+    class Policy(Protocol):
+        """Decides whether a real path may be served (``AccessTable``, ``RootsPolicy``)."""
+
+        def allowed(self, path: str) -> bool: ...
+
+__all__ = ["Plan", "RootsPolicy", "Admission"]
 
 _MODES = (b"octet", b"netascii")
 _READ_FLAGS = (os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
@@ -34,12 +44,6 @@ def _denied() -> TftpError:
     return TftpError(ErrorCode.ACCESS_VIOLATION, "Access violation")
 
 
-class Policy(Protocol):
-    """Decides whether a real path may be served."""
-
-    def allowed(self, path: str) -> bool: ...
-
-
 class RootsPolicy:
     """Only files under the given directories (by real path)."""
 
@@ -50,16 +54,23 @@ class RootsPolicy:
         return any(paths.within(path, r) for r in self.roots)
 
 
-@dataclass
 class Plan:
-    opcode: Opcode
-    path: str                      # real path
-    netascii: bool
-    negotiated: Negotiated
-    oack: Optional[bytes]
-    source: Union[FileSource, NetasciiSource, None] = None
-    sink: Union[AtomicFile, NetasciiSink, None] = None
-    fd: int = -1
+    """An admitted request: its open file and what was negotiated."""
+
+    __slots__ = ("opcode", "path", "netascii", "negotiated", "oack", "source", "sink", "fd")
+
+    def __init__(self, opcode: Opcode, path: str, netascii: bool, negotiated: Negotiated,
+                 oack: Optional[bytes],
+                 source: Union[FileSource, NetasciiSource, None] = None,
+                 sink: Union[AtomicFile, NetasciiSink, None] = None, fd: int = -1) -> None:
+        self.opcode = opcode
+        self.path = path                # real path
+        self.netascii = netascii
+        self.negotiated = negotiated
+        self.oack = oack
+        self.source = source
+        self.sink = sink
+        self.fd = fd
 
     def close(self) -> None:
         """Release the file; an unfinished upload is removed."""

@@ -11,15 +11,19 @@ otherwise.
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 import sys
-from typing import Optional, Sequence, TextIO, Tuple
 
 from . import paths
 from .access import AccessTable, Decision
-from .config import Config
+from .log import INFO, Formatter, StreamHandler, getLogger
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional, Sequence, TextIO, Tuple
+
+    from .config import Config
 
 __all__ = ["check", "explain"]
 
@@ -64,13 +68,12 @@ def _file_note(path: str) -> Optional[str]:
 
 def check(config: Config, names: Sequence[str], out: TextIO = sys.stdout,
           err: TextIO = sys.stderr) -> int:
-    log = logging.getLogger("tftpd.check")
-    log.propagate = False
-    log.setLevel(logging.INFO)
+    log = getLogger("tftpd.check")
+    log.setLevel(INFO)
     for h in list(log.handlers):
         log.removeHandler(h)
-    handler = logging.StreamHandler(err)
-    handler.setFormatter(logging.Formatter("tftpd: %(message)s"))
+    handler = StreamHandler(err)
+    handler.setFormatter(Formatter("tftpd: %(message)s"))
     log.addHandler(handler)
     try:
         roots = [config.root] + ([config.write_dir] if config.write_dir else [])

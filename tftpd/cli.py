@@ -10,12 +10,15 @@ from __future__ import annotations
 import getopt
 import os
 import sys
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import __version__
 from .config import Config
 from .options import KNOWN_OPTIONS, MAX_BLKSIZE, MIN_BLKSIZE
+from .record import Frozen
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 __all__ = ["FLAGS", "Flag", "UsageError", "parse_args", "usage", "help_text"]
 
@@ -78,15 +81,20 @@ def _text(value: str) -> str:
     return value
 
 
-@dataclass(frozen=True)
-class Flag:
+class Flag(Frozen):
+    __slots__ = ("short", "long", "metavar", "dest", "help", "parse", "repeat")
     short: Optional[str]
     long: Optional[str]
     metavar: Optional[str]          # None: a switch without a value
     dest: str
     help: str
-    parse: Optional[Callable[[str], Any]] = None
-    repeat: bool = False            # values collect into a frozenset
+    parse: Optional[Callable[[str], Any]]
+    repeat: bool                    # values collect into a frozenset
+
+    def __init__(self, short: Optional[str], long: Optional[str], metavar: Optional[str],
+                 dest: str, help: str, parse: Optional[Callable[[str], Any]] = None,
+                 repeat: bool = False) -> None:
+        self._init(short, long, metavar, dest, help, parse, repeat)
 
     @property
     def name(self) -> str:
@@ -163,13 +171,18 @@ def help_text() -> str:
     return "\n".join(lines) + "\n"
 
 
-@dataclass
 class Parsed:
-    config: Config
-    help: bool = False
-    version: bool = False
-    check: bool = False             # --check PATH...
-    paths: Sequence[str] = ()
+    """The command line: a configuration, or a request for help, version or --check."""
+
+    __slots__ = ("config", "help", "version", "check", "paths")
+
+    def __init__(self, config: Config, help: bool = False, version: bool = False,
+                 check: bool = False, paths: Sequence[str] = ()) -> None:
+        self.config = config
+        self.help = help
+        self.version = version
+        self.check = check              # --check PATH...
+        self.paths = paths
 
 
 def parse_args(argv: List[str]) -> Parsed:
@@ -188,7 +201,7 @@ def parse_args(argv: List[str]) -> Parsed:
     if rest and not check:
         raise UsageError(f"unexpected argument '{rest[0]}' (use --root DIR for the read root)")
     values: Dict[str, Any] = {}
-    refused: set = set()
+    refused: Set[str] = set()
     flags = set()
     for opt, value in opts:
         flag = _BY_NAME[opt]
@@ -211,7 +224,7 @@ def parse_args(argv: List[str]) -> Parsed:
             values[dest] = True
     if refused:
         values["refused"] = frozenset(refused)
-    config = replace(Config(), **values)
+    config = Config().replace(**values)
     if check:
         if not rest:
             raise UsageError("--check: needs at least one PATH to check")

@@ -2,37 +2,60 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import FrozenSet, Optional
+from .options import MAX_BLKSIZE, Limits
+from .record import Frozen
 
-from .options import Limits, MAX_BLKSIZE
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, FrozenSet, Optional
 
 __all__ = ["Config"]
 
 
-@dataclass(frozen=True)
-class Config:
-    root: str = "/tftpboot"                 # --root: read root for relative names
-    write_dir: Optional[str] = None         # -d: WRQ destination for relative names
-    allow_write: bool = False               # -n
-    port: Optional[int] = None              # -p: standalone mode
-    address: Optional[str] = None           # --address
-    max_threads: int = 256                  # -c
-    queue_limit: int = 1024                 # --queue
-    refused: FrozenSet[str] = frozenset()   # -r OPTION ...
-    timeout: float = 1.0                    # -t: initial retransmission timeout
-    max_timeouts: int = 6                   # -x
-    max_blksize: int = MAX_BLKSIZE          # -z
-    max_windowsize: int = 64                # --max-windowsize
-    verbose: bool = False                   # -v
-    log_address: bool = False               # -i
-    socket_debug: bool = False              # -s
-    user: str = "nobody"                    # --user
-    idle_timeout: float = 60.0              # --idle-timeout (inetd mode)
-    access_file: str = "/etc/tftpaccess.ctl"
-    daemon: bool = False
-    pidfile: str = "/run/tftpd.pid"
-    log_file: Optional[str] = None         # --log-file (reopened on SIGHUP)
+class Config(Frozen):
+    __slots__ = ("root", "write_dir", "allow_write", "port", "address", "max_threads",
+                 "queue_limit", "refused", "timeout", "max_timeouts", "max_blksize",
+                 "max_windowsize", "verbose", "log_address", "socket_debug", "user",
+                 "idle_timeout", "access_file", "daemon", "pidfile", "log_file")
+    root: str                   # --root: read root for relative names
+    write_dir: Optional[str]    # -d: WRQ destination for relative names
+    allow_write: bool           # -n
+    port: Optional[int]         # -p: standalone mode
+    address: Optional[str]      # --address
+    max_threads: int            # -c
+    queue_limit: int            # --queue
+    refused: FrozenSet[str]     # -r OPTION ...
+    timeout: float              # -t: initial retransmission timeout
+    max_timeouts: int           # -x
+    max_blksize: int            # -z
+    max_windowsize: int         # --max-windowsize
+    verbose: bool               # -v
+    log_address: bool           # -i
+    socket_debug: bool          # -s
+    user: str                   # --user
+    idle_timeout: float         # --idle-timeout (inetd mode)
+    access_file: str
+    daemon: bool
+    pidfile: str
+    log_file: Optional[str]     # --log-file (reopened on SIGHUP)
+
+    def __init__(self, root: str = "/tftpboot", write_dir: Optional[str] = None,
+                 allow_write: bool = False, port: Optional[int] = None,
+                 address: Optional[str] = None, max_threads: int = 256,
+                 queue_limit: int = 1024, refused: FrozenSet[str] = frozenset(),
+                 timeout: float = 1.0, max_timeouts: int = 6, max_blksize: int = MAX_BLKSIZE,
+                 max_windowsize: int = 64, verbose: bool = False, log_address: bool = False,
+                 socket_debug: bool = False, user: str = "nobody", idle_timeout: float = 60.0,
+                 access_file: str = "/etc/tftpaccess.ctl", daemon: bool = False,
+                 pidfile: str = "/run/tftpd.pid", log_file: Optional[str] = None) -> None:
+        self._init(root, write_dir, allow_write, port, address, max_threads, queue_limit,
+                   refused, timeout, max_timeouts, max_blksize, max_windowsize, verbose,
+                   log_address, socket_debug, user, idle_timeout, access_file, daemon,
+                   pidfile, log_file)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return Config(**{**self._asdict(), **changes})
 
     @property
     def limits(self) -> Limits:

@@ -28,19 +28,22 @@ The order matters (see STYLE.md, "One server, several front doors"):
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import signal
-import socket
 import sys
 import time
-from typing import Callable, List, Optional
 
 from . import log as logsetup
+from .log import ERROR, Handler, Record, getLogger
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from typing import Callable, List, Optional
 
 __all__ = ["run", "check_pidfile", "read_pid", "process_alive"]
 
-log = logging.getLogger("tftpd")
+log = getLogger("tftpd")
 
 # A PID file with no number in it may be one that a starting tftpd is
 # writing right now; older than this, it is debris.
@@ -123,14 +126,14 @@ def check_pidfile(path: str) -> Optional[str]:
     return None
 
 
-class _PipeHandler(logging.Handler):
+class _PipeHandler(Handler):
     """Until the daemon is serving, its errors go to the waiting foreground."""
 
     def __init__(self, fd: int) -> None:
-        super().__init__(logging.ERROR)
+        super().__init__(ERROR)
         self.fd = fd
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def emit(self, record: Record) -> None:
         try:
             os.write(self.fd, f"tftpd: {record.getMessage()}\n".encode("utf-8", "replace"))
         except OSError:
@@ -194,9 +197,9 @@ def run(pidfile: str, sock: socket.socket, start: Callable[[Callable[[], None]],
         sys.stderr.write(f"tftpd: {problem}; not starting\n")
         return 1
 
-    import daemon                      # python-daemon: only now, never for inetd
-    import daemon.pidfile
-    import lockfile
+    import daemon                      # type: ignore[import-untyped]  # python-daemon: only now, never for inetd
+    import daemon.pidfile              # type: ignore[import-untyped]
+    import lockfile                    # type: ignore[import-untyped]
 
     sys.stdout.flush()
     sys.stderr.flush()

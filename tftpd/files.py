@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Optional
 
 from . import netascii
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional
 
 __all__ = ["FileSource", "NetasciiSource", "AtomicFile", "NetasciiSink",
            "TEMP_PREFIX", "TEMP_SUFFIX", "READ_CHUNK"]

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
 import stat
 import sys
-from types import FrameType
-from typing import Callable, List, Optional
 
+from . import cleanup
 from . import log as logsetup
 from . import privileges
 from .access import AccessTable
 from .cli import UsageError, check_default_root, fail, help_text, parse_args, version_text
-from .config import Config
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import FrameType
+    from typing import Callable, List, Optional
+
+    from .config import Config
 
 __all__ = ["main"]
 
@@ -57,7 +61,7 @@ def _policy(config: Config) -> AccessTable:
         for what, d in [("read root (--root)", config.root),
                         ("-d directory", config.write_dir if config.allow_write else None)]:
             if d and not table.allowed(os.path.realpath(d)):
-                logging.getLogger("tftpd").warning(
+                logsetup.getLogger("tftpd").warning(
                     "the access file does not allow the %s %s: requests for relative "
                     "names there are refused", what, d)
     return table
@@ -65,9 +69,10 @@ def _policy(config: Config) -> AccessTable:
 
 def _drop_privileges(config: Config) -> bool:
     """After binding: become --user (if root); False means do not serve."""
-    log = logging.getLogger("tftpd")
+    log = logsetup.getLogger("tftpd")
     try:
-        who = privileges.drop(config.user)
+        # (uploads import tempfile: preloaded only when -n allows them)
+        who = privileges.drop(config.user, needs=("upload",) if config.allow_write else ())
     except privileges.PrivilegeError as e:
         log.error("refusing to serve: %s", e)
         return False
@@ -75,6 +80,14 @@ def _drop_privileges(config: Config) -> bool:
     for d in [config.root] + ([config.write_dir] if config.write_dir else []):
         if not os.access(d, os.R_OK | os.X_OK):
             log.warning("%s is not readable by this user: nothing in it can be served", d)
+    if config.allow_write:
+        # as the serving user: the temporaries of uploads that a crash or kill -9 cut short
+        dirs = [config.root] + ([config.write_dir] if config.write_dir else [])
+        removed, problems = cleanup.sweep(dirs)
+        for line in removed:
+            log.info("%s", line)
+        for line in problems:
+            log.warning("%s", line)
     return True
 
 
@@ -112,9 +125,8 @@ def standalone(config: Config) -> int:
         return 1
     if config.daemon:
         # Bound in the foreground (errors above reach the terminal); now detach.
-        from dataclasses import replace
         from . import daemonize
-        absolute = replace(config, access_file=os.path.abspath(config.access_file))
+        absolute = config.replace(access_file=os.path.abspath(config.access_file))
         return daemonize.run(config.pidfile, sock,
                              lambda ready: _serve_standalone(absolute, sock, ready))
     return _serve_standalone(config, sock)
@@ -123,7 +135,7 @@ def standalone(config: Config) -> int:
 def _serve_standalone(config: Config, sock: socket.socket,
                       ready: Optional[Callable[[], None]] = None) -> int:
     from .server import Server, show
-    log = logging.getLogger("tftpd")
+    log = logsetup.getLogger("tftpd")
     if not _drop_privileges(config):
         sock.close()
         return 1
@@ -188,7 +200,7 @@ def inetd(config: Config) -> int:
         listen.close()
         if stderr_ok:
             return fail(str(e))
-        logging.getLogger("tftpd").error("%s", e)   # stderr is inetd's socket
+        logsetup.getLogger("tftpd").error("%s", e)   # stderr is inetd's socket
         return 2
     if not _drop_privileges(config):
         listen.close()

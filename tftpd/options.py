@@ -7,10 +7,16 @@ out-of-range option is simply not acknowledged (RFC 2347), never an error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
+from .packets import Opcode
+from .record import Frozen
 
-from .packets import Opcode, Options
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
+
+    from .packets import Options
+
+    Handler = Callable[["Negotiated", Opcode, bytes, "Limits"], Optional[bytes]]
 
 __all__ = ["Limits", "Negotiated", "negotiate", "KNOWN_OPTIONS", "parse_uint",
            "MIN_BLKSIZE", "MAX_BLKSIZE", "DEFAULT_BLKSIZE"]
@@ -21,23 +27,48 @@ DEFAULT_BLKSIZE = 512
 MAX_WINDOWSIZE = 65535
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(Frozen):
     """What the server is prepared to negotiate."""
-    max_blksize: int = MAX_BLKSIZE          # -z
-    max_windowsize: int = 64                # server cap on RFC 7440 windowsize
-    refused: FrozenSet[str] = frozenset()   # -r NAME ...
+    __slots__ = ("max_blksize", "max_windowsize", "refused")
+    max_blksize: int                # -z
+    max_windowsize: int             # server cap on RFC 7440 windowsize
+    refused: FrozenSet[str]         # -r NAME ...
+
+    def __init__(self, max_blksize: int = MAX_BLKSIZE, max_windowsize: int = 64,
+                 refused: FrozenSet[str] = frozenset()) -> None:
+        self._init(max_blksize, max_windowsize, refused)
 
 
-@dataclass
 class Negotiated:
-    blksize: int = DEFAULT_BLKSIZE
-    windowsize: int = 1
-    timeout: Optional[float] = None   # client's fixed timeout, seconds
-    tsize: Optional[int] = None       # WRQ: size announced by the client
-    tsize_requested: bool = False     # RRQ: client asked for the size
-    rollover: int = 0                 # block number after 65535
-    acked: List[Tuple[bytes, bytes]] = field(default_factory=list)
+    """What was agreed (filled in by the option handlers)."""
+
+    __slots__ = ("blksize", "windowsize", "timeout", "tsize", "tsize_requested",
+                 "rollover", "acked")
+
+    def __init__(self, blksize: int = DEFAULT_BLKSIZE, windowsize: int = 1,
+                 timeout: Optional[float] = None, tsize: Optional[int] = None,
+                 tsize_requested: bool = False, rollover: int = 0,
+                 acked: Optional[List[Tuple[bytes, bytes]]] = None) -> None:
+        self.blksize = blksize
+        self.windowsize = windowsize
+        self.timeout = timeout                  # client's fixed timeout, seconds
+        self.tsize = tsize                      # WRQ: size announced by the client
+        self.tsize_requested = tsize_requested  # RRQ: client asked for the size
+        self.rollover = rollover                # block number after 65535
+        self.acked: List[Tuple[bytes, bytes]] = [] if acked is None else acked
+
+    def _fields(self) -> Tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:    # (so unhashable: it is mutable)
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Negotiated)
+        return self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        return "Negotiated(" + ", ".join(f"{name}={getattr(self, name)!r}"
+                                         for name in self.__slots__) + ")"
 
     def oack(self) -> Options:
         return tuple(self.acked)
@@ -48,9 +79,6 @@ def parse_uint(value: bytes, max_digits: int = 10) -> Optional[int]:
     if not value or len(value) > max_digits or not value.isdigit():
         return None
     return int(value)
-
-
-Handler = Callable[[Negotiated, Opcode, bytes, Limits], Optional[bytes]]
 
 
 def _blksize(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[bytes]:

@@ -1,11 +1,11 @@
 """TFTP packet codec (RFC 1350, RFC 2347).
 
 Pure functions over bytes: ``decode()`` turns a datagram into one of the frozen
-packet dataclasses or raises :class:`MalformedPacket`; ``encode()`` does the
+packet classes or raises :class:`MalformedPacket`; ``encode()`` does the
 reverse.  File names, modes and options stay ``bytes``: a file name on the wire
 is not necessarily UTF-8, and the server must judge exactly what it was sent.
 
-The transfer engine does not use these dataclasses on its per-block path; it
+The transfer engine does not use these classes on its per-block path; it
 reads ACK/DATA headers straight from its receive buffer (see ``transfer.py``).
 """
 
@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
-from typing import Tuple, Union
+
+from .record import Frozen
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import List, Tuple, Union
+
+    Options = Tuple[Tuple[bytes, bytes], ...]
+    Packet = Union["Request", "Data", "Ack", "Error", "OAck"]
 
 __all__ = [
     "Opcode", "ErrorCode", "MalformedPacket", "TftpError",
-    "Request", "Data", "Ack", "Error", "OAck", "Packet",
+    "Request", "Data", "Ack", "Error", "OAck",
     "decode", "encode", "data_header", "ack_packet", "error_packet", "oack_packet",
 ]
 
@@ -60,54 +67,65 @@ class TftpError(Exception):
         return error_packet(self.code, self.message)
 
 
-Options = Tuple[Tuple[bytes, bytes], ...]
-
-
-@dataclass(frozen=True)
-class Request:
+class Request(Frozen):
     """RRQ or WRQ. ``options`` keeps the client's order and spelling."""
+    __slots__ = ("opcode", "filename", "mode", "options")
     opcode: Opcode
     filename: bytes
     mode: bytes
-    options: Options = ()
+    options: Options
+
+    def __init__(self, opcode: Opcode, filename: bytes, mode: bytes,
+                 options: Options = ()) -> None:
+        self._init(opcode, filename, mode, options)
 
 
-@dataclass(frozen=True)
-class Data:
+class Data(Frozen):
+    __slots__ = ("block", "payload")
     block: int
     payload: bytes
 
+    def __init__(self, block: int, payload: bytes) -> None:
+        self._init(block, payload)
 
-@dataclass(frozen=True)
-class Ack:
+
+class Ack(Frozen):
+    __slots__ = ("block",)
     block: int
 
+    def __init__(self, block: int) -> None:
+        self._init(block)
 
-@dataclass(frozen=True)
-class Error:
+
+class Error(Frozen):
+    __slots__ = ("code", "message")
     code: int
     message: bytes
 
+    def __init__(self, code: int, message: bytes) -> None:
+        self._init(code, message)
 
-@dataclass(frozen=True)
-class OAck:
+
+class OAck(Frozen):
+    __slots__ = ("options",)
     options: Options
 
+    def __init__(self, options: Options) -> None:
+        self._init(options)
 
-Packet = Union[Request, Data, Ack, Error, OAck]
 
 _HDR = struct.Struct("!HH")
 _OP = struct.Struct("!H")
 
 
-def _strings(body: bytes) -> list[bytes]:
+def _strings(body: bytes) -> List[bytes]:
     """Split NUL-terminated strings; the body must end with a NUL."""
     if not body.endswith(b"\0"):
         raise MalformedPacket("string not terminated by NUL")
     return body[:-1].split(b"\0")
 
 
-def _pairs(fields: list[bytes]) -> Options:
+def _pairs(fields: List[bytes]) -> Options:
     if len(fields) % 2:
         raise MalformedPacket("option without a value")
     it = iter(fields)

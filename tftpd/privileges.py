@@ -9,29 +9,41 @@ root (not recommended).  Started as any other user, tftpd serves as that user.
 
 from __future__ import annotations
 
-import importlib
 import os
-import pkgutil
 import pwd
-from dataclasses import dataclass
+
+from .record import Frozen
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Sequence
 
 __all__ = ["PrivilegeError", "Identity", "lookup", "drop", "verify", "preload", "PRELOAD"]
 
-# Modules imported lazily (inside functions) after the drop.  The interpreter's
-# own files need not be readable by the server's user (a Python under /root, a
-# 0700 virtual environment), so everything is imported while still root.
-PRELOAD = ("tempfile", "encodings.idna")
+# Modules that tftpd imports inside functions after the drop, and what needs
+# them.  The interpreter's own files need not be readable by the server's user
+# (a Python under /root, a 0700 virtual environment), so they are imported
+# while still root; only those that will be needed, since each costs every
+# inetd start its import time.  (A test checks that every import inside a
+# function is listed here, made at some module's top level, or made before
+# the drop.)
+PRELOAD = {
+    "tempfile": "upload",        # files.AtomicFile: a WRQ (only with -n)
+}
 
 
 class PrivilegeError(Exception):
     """The server cannot run as the configured user: it must not serve."""
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(Frozen):
+    __slots__ = ("name", "uid", "gid")
     name: str
     uid: int
     gid: int
+
+    def __init__(self, name: str, uid: int, gid: int) -> None:
+        self._init(name, uid, gid)
 
 
 def lookup(name: str) -> Identity:
@@ -55,10 +67,12 @@ def _name(uid: int) -> str:
         return str(uid)
 
 
-def drop(user: str) -> str:
+def drop(user: str, needs: Sequence[str] = ("upload",)) -> str:
     """Become ``user`` if running as root; return a line saying who we are.
 
-    Raises ``PrivilegeError`` if the user is unknown or any step fails.
+    ``needs`` says what the server will do after the drop (the values of
+    ``PRELOAD``): the modules that needs are imported first.  Raises
+    ``PrivilegeError`` if the user is unknown or any step fails.
     """
     if os.geteuid() != 0:
         uid = os.geteuid()
@@ -66,7 +80,7 @@ def drop(user: str) -> str:
     who = lookup(user)
     if who.uid == 0:
         return "running as root (--user root): not recommended"
-    preload()
+    preload(needs)
     try:
         os.setgroups([])
         os.setgid(who.gid)
@@ -77,14 +91,11 @@ def drop(user: str) -> str:
     return f"running as {who.name} (uid {who.uid}, gid {who.gid}, no supplementary groups)"
 
 
-def preload() -> None:
-    """Import every tftpd module and ``PRELOAD`` now, before the switch."""
-    package = __name__.rpartition(".")[0]
-    here = os.path.dirname(os.path.abspath(__file__))
-    names = [f"{package}.{m.name}" for m in pkgutil.iter_modules([here])
-             if m.name != "__main__"]
-    for name in list(PRELOAD) + names:
-        importlib.import_module(name)
+def preload(needs: Sequence[str]) -> None:
+    """Import now, before the switch, the ``PRELOAD`` modules that ``needs`` need."""
+    for name, need in PRELOAD.items():
+        if need in needs:
+            __import__(name)
 
 
 def verify(who: Identity) -> None:

@@ -10,28 +10,35 @@ the local address the request was sent to.
 from __future__ import annotations
 
 import collections
-import logging
 import os
 import selectors
 import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
-from typing import Deque, Dict, List, Optional, Tuple
 
 from . import log as logsetup
 from . import paths
-from .admission import Admission, Plan, Policy
-from .config import Config
+from .admission import Admission
 from .packets import MalformedPacket, Opcode, Request, TftpError, decode
-from .trace import Trace, describe, tracer
+from .trace import describe, tracer
 from .transfer import Outcome, Receiver, Rto, Sender
 from .worker import drive, make_transmit
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
+
+    from .admission import Plan, Policy
+    from .config import Config
+    from .trace import Trace
+
+    Address = Tuple[Any, ...]      # (host, port) or (host, port, flowinfo, scope_id)
+    Engine = Union[Sender, Receiver]
+
 __all__ = ["Server", "Job", "bind_standalone", "local_address"]
 
-log = logging.getLogger("tftpd")
+log = logsetup.getLogger("tftpd")
 
 _IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
@@ -42,15 +49,20 @@ _THREAD_STACK = 512 * 1024
 STOP_GRACE = 60.0      # SIGTERM/SIGINT: running transfers get this long to finish
 
 
-@dataclass(eq=False)
 class Job:
-    request: Request
-    peer: Tuple          # normalised: v4-mapped peers become IPv4
-    local: Tuple         # address to bind the transfer socket to
-    family: int
-    received: float
-    key: Tuple = ()      # (peer, request datagram): what a retransmission repeats
-    engine: Optional[object] = None   # set when the transfer starts
+    """One request on its way to a worker (compared by identity)."""
+
+    __slots__ = ("request", "peer", "local", "family", "received", "key", "engine")
+
+    def __init__(self, request: Request, peer: Address, local: Address, family: int,
+                 received: float, key: Tuple[Any, ...] = ()) -> None:
+        self.request = request
+        self.peer = peer          # normalised: v4-mapped peers become IPv4
+        self.local = local        # address to bind the transfer socket to
+        self.family = family
+        self.received = received
+        self.key = key            # (peer, request datagram): what a retransmission repeats
+        self.engine: Optional[Engine] = None   # set when the transfer starts
 
     def finished(self) -> bool:
         """The transfer is over but for dallying (or its socket closing)."""
@@ -68,7 +80,8 @@ def enable_pktinfo(sock: socket.socket) -> None:
         pass
 
 
-def local_address(sock: socket.socket, ancdata: list) -> Tuple[Optional[str], int]:
+def local_address(sock: socket.socket, ancdata: List[Tuple[int, int, bytes]]
+                  ) -> Tuple[Optional[str], int]:
     """The local address to answer a datagram from, and its interface.
 
     IPv4 (also on a dual-stack socket, where it comes with a v4-mapped
@@ -91,8 +104,8 @@ def local_address(sock: socket.socket, ancdata: list) -> Tuple[Optional[str], in
     return (None if host in ("0.0.0.0", "::") else host), 0
 
 
-def _normalise(peer: Tuple, local: Optional[str], ifindex: int,
-               family: int) -> Tuple[Tuple, Tuple, int]:
+def _normalise(peer: Address, local: Optional[str], ifindex: int,
+               family: int) -> Tuple[Address, Address, int]:
     """v4-mapped IPv6 peers become IPv4 (logged and served as such)."""
     host = peer[0]
     if family == socket.AF_INET6 and host.startswith("::ffff:") and "." in host:
@@ -109,7 +122,7 @@ def _normalise(peer: Tuple, local: Optional[str], ifindex: int,
     return peer, (local or "0.0.0.0", 0), family
 
 
-def show(peer: Tuple) -> str:
+def show(peer: Address) -> str:
     host = peer[0]
     return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
 
@@ -117,7 +130,7 @@ def show(peer: Tuple) -> str:
 class Pool:
     """At most ``limit`` worker threads; a bounded queue of jobs beyond that."""
 
-    def __init__(self, limit: int, queue_limit: int, run) -> None:
+    def __init__(self, limit: int, queue_limit: int, run: Callable[[Job], None]) -> None:
         self.limit = limit
         self.queue_limit = queue_limit
         self.run = run
@@ -197,8 +210,8 @@ class Server:
         # (peer, request datagram) -> its queued or running job: a retransmitted
         # request is recognised by this key; a different request from the same
         # port (tftp-hpa's interactive client reuses its port) is a new transfer.
-        self.active: Dict[Tuple, Job] = {}
-        self.transfers: Dict[int, Tuple[socket.socket, object]] = {}  # id(job) -> (sock, engine)
+        self.active: Dict[Tuple[Any, ...], Job] = {}
+        self.transfers: Dict[int, Tuple[socket.socket, Engine]] = {}  # id(job) -> (sock, engine)
         self.stopping = 0                          # 1: graceful, 2: forced
         self.last_activity = time.monotonic()
         self.dropped = 0
@@ -345,7 +358,8 @@ class Server:
                 return
             self._request(sock, bytes(buf[:n]), anc, peer)
 
-    def _request(self, sock: socket.socket, data: bytes, anc: list, peer: Tuple) -> None:
+    def _request(self, sock: socket.socket, data: bytes, anc: List[Tuple[int, int, bytes]],
+                 peer: Address) -> None:
         try:
             packet = decode(data)
         except MalformedPacket:
@@ -430,8 +444,8 @@ class Server:
                 plan.close()
             sock.close()
 
-    def _engine(self, plan: Plan, sock: socket.socket, peer: Tuple,
-                trace: Optional[Trace] = None):
+    def _engine(self, plan: Plan, sock: socket.socket, peer: Address,
+                trace: Optional[Trace] = None) -> Engine:
         n = plan.negotiated
         cfg = self.config
         rto = Rto(n.timeout, fixed=True) if n.timeout else Rto(cfg.timeout)
@@ -447,7 +461,7 @@ class Server:
                         max_timeouts=cfg.max_timeouts, oack=plan.oack,
                         dally=min(2 * rto.value, 10.0))
 
-    def _report(self, engine, plan: Plan, job: Job, kind: str, name: str,
+    def _report(self, engine: Engine, plan: Plan, job: Job, kind: str, name: str,
                 who: str, start: float) -> None:
         end = engine.completed_at or time.monotonic()
         if engine.outcome is Outcome.OK:

@@ -7,17 +7,20 @@ without ``-s`` pays nothing for it.
 
 from __future__ import annotations
 
-import logging
-from typing import Any, Callable, Sequence, Tuple, Union
+from .log import DEBUG, getLogger
 
-__all__ = ["describe", "tracer", "Trace"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Sequence, Tuple, Union
 
-Buffer = Union[bytes, bytearray, memoryview]
-Trace = Callable[[str, Tuple[Any, ...], Sequence[Buffer]], None]
+    Buffer = Union[bytes, bytearray, memoryview]
+    Trace = Callable[[str, Tuple[Any, ...], Sequence[Buffer]], None]
+
+__all__ = ["describe", "tracer"]
 
 _NAMES = {1: "RRQ", 2: "WRQ", 3: "DATA", 4: "ACK", 5: "ERROR", 6: "OACK"}
 
-log = logging.getLogger("tftpd")
+log = getLogger("tftpd")
 
 
 def _text(raw: bytes, limit: int = 80) -> str:
@@ -59,6 +62,6 @@ def tracer(show: Callable[[Tuple[Any, ...]], str]) -> Trace:
     """A trace function: ``trace(">", peer, buffers)`` for a datagram sent,
     ``"<"`` for one received."""
     def trace(direction: str, peer: Tuple[Any, ...], buffers: Sequence[Buffer]) -> None:
-        if log.isEnabledFor(logging.DEBUG):
+        if log.isEnabledFor(DEBUG):
             log.debug("trace %s %s %s", show(peer), direction, describe(buffers))
     return trace

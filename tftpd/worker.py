@@ -12,16 +12,21 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from typing import Callable, Optional, Union
 
 from .packets import ErrorCode
-from .trace import Trace
-from .transfer import Address, Receiver, Sender
+from .transfer import Receiver, Sender
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Optional, Union
+
+    from .trace import Trace
+    from .transfer import Address
+
+    Engine = Union[Sender, Receiver]
+    Buffer = Union[bytes, bytearray, memoryview]
 
 __all__ = ["drive", "make_transmit"]
-
-Engine = Union[Sender, Receiver]
-Buffer = Union[bytes, bytearray, memoryview]
 
 _RECV_SIZE = 65536 + 4
 
