@@ -8,6 +8,7 @@ busy port.
 
 from __future__ import annotations
 
+import getopt
 import os
 import re
 import socket
@@ -17,8 +18,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import ROOT, ServerProcess, launch
+from tftpd import cli
 from tftpclient import Peer
 
 AIX_FLAGS = ["-c", "-n", "-p", "-r", "-t", "-x", "-z", "-v", "-i", "-s", "-d"]
@@ -120,6 +124,51 @@ def test_unknown_user(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "--user" in r.stderr.splitlines()[0]
     assert "no-such-user-tftpd" in r.stderr.splitlines()[0]
+
+
+# -- the parser is getopt's ------------------------------------------------------
+# tftpd parses with its own getopt (the module costs an inetd start 2 ms): it
+# must split every command line as getopt.getopt does, and fail where it fails.
+SHORTOPTS = "".join(f.short + (":" if f.metavar else "") for f in cli.FLAGS if f.short)
+LONGOPTS = [f.long + ("=" if f.metavar else "") for f in cli.FLAGS if f.long]
+TOKENS = ["-n", "-v", "-nv", "-c", "-c10", "-nc", "-nc5", "-x", "-q", "-nq", "-:", "-", "--",
+          "--root", "--root=/r", "--root=", "--ro", "--r", "--he", "--help", "--help=1",
+          "--check", "--ch", "--bogus", "--bogus=1", "--=x", "--x", "--queue", "--d",
+          "--daemon", "--pidfile=f", "--idle", "--user", "10", "", "extra", "-r", "tsize"]
+
+
+def expected_message(e: getopt.GetoptError) -> str:
+    name = ("--" if e.msg.startswith("option --") else "-") + e.opt
+    if "requires argument" in e.msg:
+        return f"{name}: missing value"
+    if "must not have an argument" in e.msg:
+        return f"{name}: takes no value"
+    if "not a unique prefix" in e.msg:
+        return f"{name}: ambiguous option"
+    return f"{name}: unknown option"
+
+
+def same_as_getopt(argv: List[str]) -> None:
+    try:
+        want = getopt.getopt(argv, SHORTOPTS, LONGOPTS)
+    except getopt.GetoptError as e:
+        with pytest.raises(cli.UsageError) as got:
+            cli.getopt(argv)
+        assert str(got.value) == expected_message(e)
+    else:
+        assert cli.getopt(argv) == want
+
+
+@given(st.lists(st.one_of(st.sampled_from(TOKENS), st.text(max_size=6)), max_size=8))
+def test_own_getopt_splits_as_getopt_does(argv: List[str]) -> None:
+    same_as_getopt(argv)
+
+
+@pytest.mark.parametrize("argv", [["--root"], ["--ro", "x"], ["--help=yes"], ["--r"],
+                                  ["-c"], ["-nq"], ["--", "-n"], ["-", "-n"], ["--=x"],
+                                  ["-nvc", "3", "x"], ["--idle", "5", "--check", "a", "-n"]])
+def test_own_getopt_examples(argv: List[str]) -> None:
+    same_as_getopt(argv)
 
 
 # -- flags that parse --------------------------------------------------------------
