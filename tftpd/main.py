@@ -8,6 +8,7 @@ import socket
 import stat
 import sys
 
+from . import cleanup
 from . import log as logsetup
 from . import privileges
 from .access import AccessTable
@@ -79,6 +80,14 @@ def _drop_privileges(config: Config) -> bool:
     for d in [config.root] + ([config.write_dir] if config.write_dir else []):
         if not os.access(d, os.R_OK | os.X_OK):
             log.warning("%s is not readable by this user: nothing in it can be served", d)
+    if config.allow_write:
+        # as the serving user: the temporaries of uploads that a crash or kill -9 cut short
+        dirs = [config.root] + ([config.write_dir] if config.write_dir else [])
+        removed, problems = cleanup.sweep(dirs)
+        for line in removed:
+            log.info("%s", line)
+        for line in problems:
+            log.warning("%s", line)
     return True
 
 
