@@ -51,7 +51,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Set, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 Address = Tuple
 
@@ -436,13 +436,15 @@ class _Patience:
 
 def get(server: Address, name: str, options: Optional[Mapping[str, str]] = None, *,
         timeout: float = 0.03, max_wait: float = 0.25, patience: float = 20.0,
-        attempts: int = 4, dally: float = 0.5, limit_s: float = 120.0) -> Outcome:
+        attempts: int = 4, dally: float = 0.5, limit_s: float = 120.0,
+        on_tid: Optional[Callable[[Address], None]] = None) -> Outcome:
     """Read ``name`` through whatever is at ``server`` (RRQ).
 
     The first wait is ``timeout`` seconds, doubled up to ``max_wait`` while
     nothing comes; after ``patience`` seconds of silence the attempt is over
     (more than the server's own retry limit, so that a slow retransmission
-    from the server is never mistaken for its death).
+    from the server is never mistaken for its death).  ``on_tid`` is called
+    with the server's transfer address as soon as it is known.
     """
     out = Outcome()
     start = time.monotonic()
@@ -450,7 +452,7 @@ def get(server: Address, name: str, options: Optional[Mapping[str, str]] = None,
         out.attempts += 1
         try:
             _get_once(server, name, options, out, _Patience(timeout, max_wait, patience),
-                      dally, start + limit_s)
+                      dally, start + limit_s, on_tid)
             break
         except _Aborted:
             continue
@@ -459,7 +461,8 @@ def get(server: Address, name: str, options: Optional[Mapping[str, str]] = None,
 
 
 def _get_once(server: Address, name: str, options: Optional[Mapping[str, str]],
-              out: Outcome, timer: _Patience, dally: float, end: float) -> None:
+              out: Outcome, timer: _Patience, dally: float, end: float,
+              on_tid: Optional[Callable[[Address], None]] = None) -> None:
     sock = socket.socket(_family(server[0]), socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     sock.bind((_loopback(server[0]), 0))
@@ -497,6 +500,8 @@ def _get_once(server: Address, name: str, options: Optional[Mapping[str, str]],
             if tid is None:
                 tid = addr
                 out.tid = addr
+                if on_tid is not None:
+                    on_tid(addr)
             elif addr != tid:
                 out.other_tids.add(addr)
                 sock.sendto(_error(5, "Unknown transfer ID"), addr)
