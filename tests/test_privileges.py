@@ -308,6 +308,13 @@ def test_every_lazy_import_is_loaded_before_the_drop() -> None:
     under /root): an import inside a function must name a module that preload()
     or some module's top level has already imported."""
     import ast
+
+    def package_modules(node: ast.ImportFrom) -> List[str]:
+        """``from .x import y`` -> tftpd.x; ``from . import x, y`` -> tftpd.x, tftpd.y."""
+        if node.module:
+            return [f"tftpd.{node.module}"]
+        return [f"tftpd.{a.name}" for a in node.names]
+
     top, lazy = set(), {}
     for path in sorted((ROOT / "tftpd").glob("*.py")):
         tree = ast.parse(path.read_text())
@@ -316,6 +323,8 @@ def test_every_lazy_import_is_loaded_before_the_drop() -> None:
                 top.update(a.name for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 top.add(node.module)
+            elif isinstance(node, ast.ImportFrom) and node.level == 1:
+                top.update(package_modules(node))
         for func in ast.walk(tree):
             if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
@@ -326,10 +335,16 @@ def test_every_lazy_import_is_loaded_before_the_drop() -> None:
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     if not node.module.startswith("tftpd"):
                         lazy[node.module] = path.name
+                elif isinstance(node, ast.ImportFrom) and node.level == 1:
+                    for name in package_modules(node):
+                        lazy[name] = path.name
     # python-daemon is imported by the parent, before it detaches and drops privileges;
     # select: the foreground waiting for the daemon; ipaddress: --address, parsed
     # and bound before the drop (kept out of the inetd start-up path)
-    before_drop = {"daemon", "daemon.pidfile", "lockfile", "select", "ipaddress"}
+    before_drop = {"daemon", "daemon.pidfile", "lockfile", "select", "ipaddress",
+                   # tftpd's own: the server (both front doors) and the daemon
+                   # are imported before the drop; --check serves nothing
+                   "tftpd.server", "tftpd.daemonize", "tftpd.check"}
     missing = {m: f for m, f in lazy.items()
                if m not in top and m not in privileges.PRELOAD and m not in before_drop}
     assert not missing, f"lazy imports not preloaded (add to privileges.PRELOAD): {missing}"

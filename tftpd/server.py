@@ -128,12 +128,17 @@ def show(peer: Address) -> str:
 
 
 class Pool:
-    """At most ``limit`` worker threads; a bounded queue of jobs beyond that."""
+    """At most ``limit`` worker threads; a bounded queue of jobs beyond that.
 
-    def __init__(self, limit: int, queue_limit: int, run: Callable[[Job], None]) -> None:
+    ``on_idle`` is called (in the worker) each time the last pending job ends.
+    """
+
+    def __init__(self, limit: int, queue_limit: int, run: Callable[[Job], None],
+                 on_idle: Optional[Callable[[], None]] = None) -> None:
         self.limit = limit
         self.queue_limit = queue_limit
         self.run = run
+        self.on_idle = on_idle
         self.jobs: Deque[Job] = collections.deque()
         self.cond = threading.Condition()
         self.threads = 0
@@ -173,6 +178,9 @@ class Pool:
                 with self.cond:
                     self.busy -= 1
                     self.cond.notify_all()
+                    idle = not self.busy and not self.jobs
+                if idle and self.on_idle is not None:
+                    self.on_idle()
 
     def pending(self) -> int:
         with self.cond:
@@ -205,7 +213,10 @@ class Server:
         self.sockets = sockets
         self.admission = Admission(config, policy, umask=_current_umask())
         self.idle_exit = idle_exit
-        self.pool = Pool(config.max_threads, config.queue_limit, self._run)
+        # inetd mode: the request loop hears at once that the last transfer ended
+        # (an idle exit after each request does not wait for its next poll)
+        self.pool = Pool(config.max_threads, config.queue_limit, self._run,
+                         on_idle=self._wake if idle_exit else None)
         self.lock = threading.Lock()
         # (peer, request datagram) -> its queued or running job: a retransmitted
         # request is recognised by this key; a different request from the same
@@ -270,6 +281,10 @@ class Server:
     def stop(self, force: bool = False) -> None:
         """Stop taking requests; a forced stop also ends running transfers."""
         self.stopping = 2 if force else max(self.stopping, 1)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the request loop (from a signal handler or another thread)."""
         try:
             self._wake_w.send(b"\0")
         except OSError:
