@@ -294,7 +294,7 @@ class Server:
     def serve(self) -> int:
         sel = selectors.DefaultSelector()
         for s in self.sockets:
-            sel.register(s, selectors.EVENT_READ)
+            sel.register(s, selectors.EVENT_READ, s)      # key.data: the socket
         sel.register(self._wake_r, selectors.EVENT_READ)
         buf = bytearray(_REQUEST_MAX)
         timeout: Optional[float] = 0.0 if self.idle_exit else None
@@ -304,7 +304,7 @@ class Server:
                     if key.fileobj is self._wake_r:
                         self._drain_wake()
                     else:
-                        self._read_requests(key.fileobj, buf)  # type: ignore[arg-type]
+                        self._read_requests(key.data, buf)
                 if self.idle_exit:
                     idle = self.config.idle_timeout
                     if self.pool.pending():
