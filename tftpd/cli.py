@@ -19,7 +19,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-__all__ = ["FLAGS", "Flag", "UsageError", "parse_args", "usage", "help_text"]
+__all__ = ["FLAGS", "Flag", "UsageError", "getopt", "parse_args", "usage", "help_text"]
 
 
 class UsageError(Exception):

@@ -197,7 +197,8 @@ def run(pidfile: str, sock: socket.socket, start: Callable[[Callable[[], None]],
         sys.stderr.write(f"tftpd: {problem}; not starting\n")
         return 1
 
-    import daemon                      # type: ignore[import-untyped]  # python-daemon: only now, never for inetd
+    # python-daemon: only now, never for inetd (it and lockfile ship no types)
+    import daemon                      # type: ignore[import-untyped]
     import daemon.pidfile              # type: ignore[import-untyped]
     import lockfile                    # type: ignore[import-untyped]
 
