@@ -437,14 +437,17 @@ class _Patience:
 def get(server: Address, name: str, options: Optional[Mapping[str, str]] = None, *,
         timeout: float = 0.03, max_wait: float = 0.25, patience: float = 20.0,
         attempts: int = 4, dally: float = 0.5, limit_s: float = 120.0,
-        on_tid: Optional[Callable[[Address], None]] = None) -> Outcome:
+        on_tid: Optional[Callable[[Address], None]] = None,
+        before_final_ack: Optional[Callable[[], None]] = None) -> Outcome:
     """Read ``name`` through whatever is at ``server`` (RRQ).
 
     The first wait is ``timeout`` seconds, doubled up to ``max_wait`` while
     nothing comes; after ``patience`` seconds of silence the attempt is over
     (more than the server's own retry limit, so that a slow retransmission
     from the server is never mistaken for its death).  ``on_tid`` is called
-    with the server's transfer address as soon as it is known.
+    with the server's transfer address as soon as it is known,
+    ``before_final_ack`` when the last block is in and not yet acknowledged
+    (the transfer is still open on the server while it runs).
     """
     out = Outcome()
     start = time.monotonic()
@@ -452,7 +455,7 @@ def get(server: Address, name: str, options: Optional[Mapping[str, str]] = None,
         out.attempts += 1
         try:
             _get_once(server, name, options, out, _Patience(timeout, max_wait, patience),
-                      dally, start + limit_s, on_tid)
+                      dally, start + limit_s, on_tid, before_final_ack)
             break
         except _Aborted:
             continue
@@ -462,7 +465,8 @@ def get(server: Address, name: str, options: Optional[Mapping[str, str]] = None,
 
 def _get_once(server: Address, name: str, options: Optional[Mapping[str, str]],
               out: Outcome, timer: _Patience, dally: float, end: float,
-              on_tid: Optional[Callable[[Address], None]] = None) -> None:
+              on_tid: Optional[Callable[[Address], None]] = None,
+              before_final_ack: Optional[Callable[[], None]] = None) -> None:
     sock = socket.socket(_family(server[0]), socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     sock.bind((_loopback(server[0]), 0))
@@ -534,6 +538,8 @@ def _get_once(server: Address, name: str, options: Optional[Mapping[str, str]],
                 timer.reset()
                 gap_reported = False
                 final = len(payload) < blksize
+                if final and before_final_ack is not None:
+                    before_final_ack()
                 if final or in_window >= window:
                     sock.sendto(_ack(expected - 1), tid)
                     in_window = 0

@@ -115,17 +115,30 @@ def test_flood_during_a_40mib_transfer(tftpd_server, tmp_path) -> None:
     before = procinfo.rss_mib(pid)
     flooders: List[Flooder] = []
 
+    flood_start: List[float] = []
+
     def on_tid(tid) -> None:
         # the flood starts once the transfer has its own port: 2 x 100,000
-        # datagrams at ~50,000 a second in all, i.e. for ~4 s of the transfer
-        flooders.append(Flooder([server.addr, tid], FLOOD, rate=50_000))
+        # datagrams, as fast as the flooder goes (up to 150,000 a second)
+        flood_start.append(time.monotonic())
+        flooders.append(Flooder([server.addr, tid], FLOOD, rate=150_000))
+
+    def hold_the_last_ack() -> None:
+        # keep the transfer open until the whole flood is out (well within the
+        # server's patience: -x 6 timeouts from 0.2 s, doubling)
+        if flooders:
+            try:
+                flooders[0].proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
 
     started = time.monotonic()
     with procinfo.RssSampler(pid, step=0.05) as rss:
         out = get(server.addr, "big.bin", timeout=0.05, patience=20, attempts=1,
-                  limit_s=240, on_tid=on_tid)
+                  limit_s=240, on_tid=on_tid, before_final_ack=hold_the_last_ack)
+        transfer_end = time.monotonic()
         report = flooders[0].wait(120) if flooders else "no flood"
-    elapsed = time.monotonic() - started
+    elapsed = transfer_end - started
     assert flooders, "the transfer never started"
     assert out.ok and out.error is None, out
     assert hashlib.sha256(out.data).digest() == hashlib.sha256(content).digest()
@@ -136,6 +149,8 @@ def test_flood_during_a_40mib_transfer(tftpd_server, tmp_path) -> None:
           f"{report}; server RSS {before:.1f} MiB before, peak {peak:.1f} MiB")
     sent = dict(kv.split("=") for kv in report.split())
     assert int(sent["sent"]) >= 2 * FLOOD * 0.99, report
+    # the whole flood hit while the transfer ran
+    assert transfer_end - flood_start[0] >= float(sent["seconds"]), (report, elapsed)
     assert peak < before + 64, f"peak RSS {peak:.1f} MiB (from {before:.1f})"
     assert not any("internal error" in l or "Traceback" in l for l in server.lines)
     # junk that happened to be a well-formed request was answered or served;
