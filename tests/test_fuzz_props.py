@@ -215,9 +215,10 @@ def test_atheris_harness_short_run(tmp_path: Path) -> None:
         if IN_CI and platform.machine() == "x86_64":     # setup.py asks for it there
             pytest.fail(message)
         pytest.skip(message)
+    env = dict(os.environ, TFTPD_FUZZ_TMP=str(tmp_path))
     proc = subprocess.run([sys.executable, str(FUZZ), "-runs=20000", "-max_total_time=60",
                            "-seed=1"], cwd=str(tmp_path), capture_output=True, text=True,
-                          timeout=180)
+                          timeout=180, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "Done 20000 runs" in out, out[-2000:]

@@ -13,7 +13,9 @@ Run by hand, from any directory::
     python tests/fuzz/fuzz_request.py -runs=100000
     python tests/fuzz/fuzz_request.py -max_total_time=600 corpus/
 
-tests/test_fuzz_props.py runs it for a few thousand inputs.
+tests/test_fuzz_props.py runs it for 20,000 inputs.  The tree lives in
+$TFTPD_FUZZ_TMP (default: the temporary directory) as tftpd-fuzz-PID-*; a run
+removes the trees that earlier, finished runs left there.
 """
 
 from __future__ import annotations
@@ -40,8 +42,25 @@ OPTIONS = [b"blksize", b"tsize", b"timeout", b"windowsize", b"rollover", b"utime
 KNOWN = ["blksize", "tsize", "timeout", "windowsize", "rollover"]
 
 
+def _remove_stale_trees(parent: str) -> None:
+    """libFuzzer ends the process with C exit(), so atexit may not run: remove
+    the trees of earlier runs whose process is gone (tftpd-fuzz-PID-*)."""
+    for name in os.listdir(parent):
+        parts = name.split("-")
+        if len(parts) < 4 or parts[:2] != ["tftpd", "fuzz"] or not parts[2].isdigit():
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        except OSError:
+            pass
+
+
 def make_tree() -> str:
-    base = tempfile.mkdtemp(prefix="tftpd-fuzz-")
+    parent = os.environ.get("TFTPD_FUZZ_TMP") or tempfile.gettempdir()
+    _remove_stale_trees(parent)
+    base = tempfile.mkdtemp(prefix=f"tftpd-fuzz-{os.getpid()}-", dir=parent)
     atexit.register(shutil.rmtree, base, True)
     root = os.path.join(base, "root")
     os.makedirs(os.path.join(root, "sub"))
