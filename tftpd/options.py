@@ -99,6 +99,9 @@ MAX_TSIZE_DIGITS = 40
 def _tsize(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[bytes]:
     v = parse_uint(value, max_digits=MAX_TSIZE_DIGITS)
     if v is None:
+        if op == Opcode.WRQ and value.isdigit():
+            n.tsize = 10 ** MAX_TSIZE_DIGITS   # longer still: more than any disk
+            return value
         return None
     if op == Opcode.RRQ:
         n.tsize_requested = True

@@ -47,6 +47,7 @@ _ANC_SIZE = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12)
 _REQUEST_MAX = 65536
 _THREAD_STACK = 512 * 1024
 STOP_GRACE = 60.0      # SIGTERM/SIGINT: running transfers get this long to finish
+DALLY_MIN = 1.0        # after a WRQ: a client's resend of its last DATA comes after its own timer
 
 
 class Job:
@@ -474,7 +475,7 @@ class Server:
         return Receiver(plan.sink, peer, transmit, blksize=n.blksize,
                         windowsize=n.windowsize, rollover=n.rollover, rto=rto,
                         max_timeouts=cfg.max_timeouts, oack=plan.oack,
-                        dally=min(2 * rto.value, 10.0))
+                        dally=min(max(2 * rto.value, DALLY_MIN), 10.0))
 
     def _report(self, engine: Engine, plan: Plan, job: Job, kind: str, name: str,
                 who: str, start: float) -> None:

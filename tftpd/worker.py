@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["drive", "make_transmit"]
 
-_RECV_SIZE = 65536 + 4
+_SENDER_RECV = 1024     # ACKs are 4 bytes; a longer ERROR is read truncated
 
 
 def make_transmit(sock: socket.socket, trace: Optional[Trace] = None
@@ -63,14 +63,16 @@ def drive(engine: Engine, sock: socket.socket,
     once with an ERROR to the peer (a forced stop).  ``trace`` (``-s``) sees
     every datagram received; without it the loop is untouched.
     """
-    buf = bytearray(_RECV_SIZE)
+    # A receiver sees one byte more than a full DATA, so an oversized one is
+    # caught; a sender needs room for ACK and ERROR only (memory in storms).
+    buf = bytearray(engine.blksize + 5 if isinstance(engine, Receiver) else _SENDER_RECV)
     view = memoryview(buf)
     recv = sock.recvfrom_into
     receive = engine.receive
     if trace is not None:
         untraced = receive
 
-        def receive(data: memoryview, addr: Address, now: float) -> None:  # type: ignore[misc]
+        def receive(data: Buffer, addr: Address, now: float) -> None:
             trace("<", addr, (data,))
             untraced(data, addr, now)
     inf = float("inf")
