@@ -1093,3 +1093,22 @@ def test_permissions_as_nobody(world_dir: Path, host: str) -> None:
         assert (upload / "by-nobody.bin").read_bytes() == b"mine\n"
     finally:
         server.stop()
+
+
+# -- retransmission or a new identical request: by arrival time ----------------------
+def test_identical_request_is_a_retransmission_until_the_peer_has_answered() -> None:
+    """A client resends its request only until it hears from the transfer; one
+    that arrives (kernel timestamp) after the peer first answered is new."""
+    import time as _time
+    from types import SimpleNamespace
+    from tftpd.server import Job, is_retransmission
+
+    job = Job(None, ("127.0.0.1", 5000), ("127.0.0.1", 0), socket.AF_INET, 0.0)  # type: ignore[arg-type]
+    now_real = _time.time()
+    assert is_retransmission(job, now_real)                   # still queued
+    job.engine = SimpleNamespace(answered_at=None)            # type: ignore[assignment]
+    assert is_retransmission(job, now_real + 100)             # running, never answered
+    answered_mono = _time.monotonic() - 5.0                   # the peer answered 5 s ago
+    job.engine = SimpleNamespace(answered_at=answered_mono)   # type: ignore[assignment]
+    assert is_retransmission(job, now_real - 6.0)             # sent before that: a resend
+    assert not is_retransmission(job, now_real - 4.0)         # sent after: a new request

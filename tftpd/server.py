@@ -14,6 +14,7 @@ import os
 import selectors
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -43,7 +44,8 @@ log = logsetup.getLogger("tftpd")
 _IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 _IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
-_ANC_SIZE = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12)
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_ANC_SIZE = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12) + socket.CMSG_SPACE(16)
 _REQUEST_MAX = 65536
 _THREAD_STACK = 512 * 1024
 STOP_GRACE = 60.0      # SIGTERM/SIGINT: running transfers get this long to finish
@@ -65,20 +67,44 @@ class Job:
         self.key = key            # (peer, request datagram): what a retransmission repeats
         self.engine: Optional[Engine] = None   # set when the transfer starts
 
-    def finished(self) -> bool:
-        """The transfer is over but for dallying (or its socket closing)."""
-        outcome = getattr(self.engine, "outcome", Outcome.RUNNING)
-        return outcome is not Outcome.RUNNING
-
 
 def enable_pktinfo(sock: socket.socket) -> None:
-    """Ask for the destination address of each datagram (IPv4 and IPv6)."""
+    """Ask for the destination address and the arrival time of each datagram."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    except OSError:
+        pass
     if sock.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
     try:
         sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
     except OSError:
         pass
+
+
+def arrival(ancdata: List[Tuple[int, int, bytes]]) -> float:
+    """When the kernel received a datagram (CLOCK_REALTIME), else now."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= 16:
+            sec = int.from_bytes(data[0:8], sys.byteorder, signed=True)
+            nsec = int.from_bytes(data[8:16], sys.byteorder, signed=True)
+            return sec + nsec / 1e9
+    return time.time()
+
+
+def is_retransmission(old: Job, arrived: float) -> bool:
+    """Is a request with the same bytes from the same port the old one again?
+
+    A client resends its request only until it hears from the transfer, and a
+    new identical request (``get f`` twice in one session) is sent only after
+    the old transfer completed.  So it is a retransmission unless it arrived
+    after the peer first answered the old transfer.
+    """
+    engine = old.engine
+    answered = engine.answered_at if engine is not None else None
+    if answered is None:
+        return True            # queued, or not answered yet
+    return arrived < answered + (time.time() - time.monotonic())
 
 
 def local_address(sock: socket.socket, ancdata: List[Tuple[int, int, bytes]]
@@ -394,10 +420,10 @@ class Server:
         key = (peer, data)
         with self.lock:
             old = self.active.get(key)
-            if old is not None and not old.finished():
+            if old is not None and is_retransmission(old, arrival(anc)):
                 return                     # a retransmitted request: not a second transfer
             job = Job(packet, peer, bind, family, self.last_activity, key)
-            self.active[key] = job         # (a finished one may still dally: not blocking)
+            self.active[key] = job
         if not self.pool.submit(job):
             self._release(job)
             self.dropped += 1

@@ -153,6 +153,7 @@ class _Transfer:
         self.deadline = math.inf
         self.timeouts = 0
         self.answered = False           # has the peer ever sent us a valid packet
+        self.answered_at: Optional[float] = None   # when it first did
         self.retransmitted = False      # Karn: no RTT sample after a resend
         self.sent_at = 0.0
         self.outcome = Outcome.RUNNING
@@ -287,7 +288,9 @@ class Sender(_Transfer):
             self.retransmitted = False
         else:
             rto.sample(now - self.sent_at)
-        self.answered = True
+        if not self.answered:
+            self.answered = True
+            self.answered_at = now
         self.timeouts = 0
         self.deadline = now + rto.value
         self.base = acked + 1
@@ -317,6 +320,7 @@ class Sender(_Transfer):
                 else:
                     self.rto.sample(now - self.sent_at)
                 self.answered = True
+                self.answered_at = now
                 self.timeouts = 0
                 self.deadline = now + self.rto.value
                 self._send_window(now)
@@ -406,7 +410,9 @@ class Receiver(_Transfer):
             if not self.retransmitted and self.unacked == 0:
                 self.rto.sample(now - self.sent_at)
             self.retransmitted = False
-            self.answered = True
+            if not self.answered:
+                self.answered = True
+                self.answered_at = now
             self.timeouts = 0
             self.gap_reported = False
             payload = memoryview(data)[4:n] if not isinstance(data, memoryview) else data[4:n]
