@@ -76,6 +76,7 @@ def test_lossy_link_200_transfers_byte_exact(tftpd_server, tmp_path: Path) -> No
         stats = relay.stop()
     elapsed = time.monotonic() - started
     wrong = []
+    second = []
     for (kind, b, w, name), out in results:
         where = f"{kind} {name} blksize={b} windowsize={w}"
         if not out.ok or out.error is not None:
@@ -87,9 +88,15 @@ def test_lossy_link_200_transfers_byte_exact(tftpd_server, tmp_path: Path) -> No
         elif kind == "WRQ" and sha((upload / name).read_bytes()) != sha(uploads[name]):
             wrong.append(f"{where}: the stored file differs")
         if out.other_tids:
-            wrong.append(f"{where}: a second transfer answered from {out.other_tids}")
+            second.append(f"{where}: a second transfer answered from {out.other_tids}")
     failed = [l for l in server.lines if " failed " in l or "internal error" in l]
     assert wrong == [], "\n".join(wrong[:20] + failed[:20])
+    # A first reply is sent at most 3 times: with 10% loss each way about one
+    # transfer in 150 loses all three exchanges and is abandoned, and the
+    # client's next retransmitted request is then rightly a new transfer.  Any
+    # other second transfer is a duplicate the server should have recognised.
+    abandoned = [l for l in failed if "failed after 0 bytes: no answer" in l]
+    assert len(second) <= len(abandoned), "\n".join(second + failed[:20])
     assert not any("internal error" in l or "Traceback" in l for l in server.lines)
     assert [p.name for p in upload.iterdir() if p.name.startswith(".tftpd-")] == []
     # the link really was that bad, in both directions
