@@ -24,7 +24,9 @@ class Frozen:
     __slots__: Tuple[str, ...] = ()
 
     def _init(self, *values: object) -> None:
-        for name, value in zip(self.__slots__, values, strict=True):
+        if len(values) != len(self.__slots__):
+            raise TypeError(f"{type(self).__name__} takes {len(self.__slots__)} values")
+        for name, value in zip(self.__slots__, values):
             _set(self, name, value)
 
     def _fields(self) -> Tuple[Any, ...]:
