@@ -1103,12 +1103,21 @@ def test_identical_request_is_a_retransmission_until_the_peer_has_answered() -> 
     from types import SimpleNamespace
     from tftpd.server import Job, is_retransmission
 
+    from tftpd.transfer import Outcome
+
+    def engine(outcome: Outcome, answered_at: object) -> SimpleNamespace:
+        return SimpleNamespace(outcome=outcome, answered_at=answered_at)
+
     job = Job(None, ("127.0.0.1", 5000), ("127.0.0.1", 0), socket.AF_INET, 0.0)  # type: ignore[arg-type]
     now_real = _time.time()
-    assert is_retransmission(job, now_real)                   # still queued
-    job.engine = SimpleNamespace(answered_at=None)            # type: ignore[assignment]
-    assert is_retransmission(job, now_real + 100)             # running, never answered
     answered_mono = _time.monotonic() - 5.0                   # the peer answered 5 s ago
-    job.engine = SimpleNamespace(answered_at=answered_mono)   # type: ignore[assignment]
-    assert is_retransmission(job, now_real - 6.0)             # sent before that: a resend
-    assert not is_retransmission(job, now_real - 4.0)         # sent after: a new request
+    assert is_retransmission(job, now_real)                   # still queued
+    job.engine = engine(Outcome.RUNNING, None)                # type: ignore[assignment]
+    assert is_retransmission(job, now_real + 100)             # running, never answered
+    job.engine = engine(Outcome.RUNNING, answered_mono)       # type: ignore[assignment]
+    assert is_retransmission(job, now_real)                   # running: a delayed resend
+    job.engine = engine(Outcome.OK, answered_mono)            # type: ignore[assignment]
+    assert is_retransmission(job, now_real - 6.0)             # over, sent before: a resend
+    assert not is_retransmission(job, now_real - 4.0)         # over, sent after: new
+    job.engine = engine(Outcome.TIMEOUT, None)                # type: ignore[assignment]
+    assert is_retransmission(job, now_real)                   # never answered

@@ -95,16 +95,17 @@ def arrival(ancdata: List[Tuple[int, int, bytes]]) -> float:
 def is_retransmission(old: Job, arrived: float) -> bool:
     """Is a request with the same bytes from the same port the old one again?
 
-    A client resends its request only until it hears from the transfer, and a
-    new identical request (``get f`` twice in one session) is sent only after
-    the old transfer completed.  So it is a retransmission unless it arrived
-    after the peer first answered the old transfer.
+    While the old transfer is queued or running, yes (a resend can be delayed
+    past the client's first ACK by the network).  Once it is over but for
+    dallying, a client sends the same request again only as a new one
+    (``put f`` twice in one session), after it heard from the transfer; so it
+    is still the old one if it arrived (kernel timestamp) before the peer
+    first answered: a resend read late by a busy request loop.
     """
     engine = old.engine
-    answered = engine.answered_at if engine is not None else None
-    if answered is None:
-        return True            # queued, or not answered yet
-    return arrived < answered + (time.time() - time.monotonic())
+    if engine is None or engine.outcome is Outcome.RUNNING or engine.answered_at is None:
+        return True
+    return arrived < engine.answered_at + (time.time() - time.monotonic())
 
 
 def local_address(sock: socket.socket, ancdata: List[Tuple[int, int, bytes]]
