@@ -10,6 +10,13 @@ until inetd has reaped the server (both are told to exit as soon as they are
 idle), and goes on; the servers take turns.
 
     .venv/bin/python bench/inetd_startup.py [--trials 30]
+    .venv/bin/python bench/inetd_startup.py --linger 200
+
+With ``--linger N`` it measures the other inetd case instead: each server
+stays after its first request (tftpd ``--idle-timeout``, in.tftpd ``-t``), and
+N sequential one-block RRQs, each from a new client port, are timed from RRQ
+to the last ACK (tftp-hpa forks a child per request; tftpd serves them from
+the one process).
 
 Needs root (inetd switches to the service user), openbsd-inetd and in.tftpd
 (tools/setup-tests unpacks it into .venv/peers/tftpd-hpa).  Only loopback.
@@ -131,15 +138,72 @@ def first_data(port: int, timeout: float = 10.0) -> float:
         s.close()
 
 
+def lingering(n: int, py: str) -> int:
+    """N sequential small RRQs to servers that stay after the first one."""
+    work = Path(tempfile.mkdtemp(prefix="tftpd-linger-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    root = work / "root"
+    root.mkdir()
+    os.chmod(root, 0o755)
+    (root / "one.bin").write_bytes(b"x" * 100)
+    os.chmod(root / "one.bin", 0o644)
+    me = pwd.getpwuid(os.getuid()).pw_name
+    pkg = str(REPO / "tftpd")
+    idle = 3
+    servers = {
+        "in.tftpd (tftp-hpa)": (free_port(), f"{find_in_tftpd()} in.tftpd -s {root} -t {idle}"),
+        "tftpd -I -S .../__main__.py": (free_port(), f"{py} {py} -I -S {pkg}/__main__.py --root "
+                                        f"{root} --access-file {work}/none.ctl "
+                                        f"--idle-timeout {idle}"),
+    }
+    conf = work / "inetd.conf"
+    conf.write_text("".join(f"{port} dgram udp4 wait {me} {cmd}\n"
+                            for port, cmd in servers.values()))
+    inetd = Inetd(conf)
+    results: Dict[str, List[float]] = {name: [] for name in servers}
+    try:
+        deadline = time.monotonic() + 10
+        while inetd.count(r"^ADD: ") < len(servers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        for name, (port, _cmd) in servers.items():
+            reaped = inetd.count(r" reaped, status ")
+            first_data(port)                          # starts the server; not counted
+            for _ in range(n):
+                t0 = time.perf_counter()
+                first_data(port)                      # RRQ, DATA 1 (the whole file), ACK
+                results[name].append(time.perf_counter() - t0)
+            if not inetd.wait_count(r" reaped, status ", reaped + 1, idle + 30):
+                sys.exit(f"{name}: server did not exit after its idle time")
+    finally:
+        inetd.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    ref = statistics.median(results["in.tftpd (tftp-hpa)"])
+    print(f"{n} sequential one-block RRQs to a lingering server under openbsd-inetd"
+          f" ({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})")
+    print(f"{'server':34} {'median':>9} {'p90':>9} {'req/s':>8} {'speed-up':>9}")
+    for name, xs in results.items():
+        xs.sort()
+        med = statistics.median(xs)
+        p90 = xs[min(len(xs) - 1, int(len(xs) * 0.9))]
+        print(f"{name:34} {med * 1e6:7.0f}us {p90 * 1e6:7.0f}us {len(xs) / sum(xs):8.0f} "
+              f"{ref / med:8.1f}x")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--linger", type=int, default=0, metavar="N",
+                    help="measure N sequential requests to a lingering server instead")
     ap.add_argument("--python", default="/usr/bin/python3" if os.path.exists("/usr/bin/python3")
                     else sys.executable,
                     help="interpreter for the -I -S forms (default: /usr/bin/python3)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (inetd switches to the service user)")
+    if args.linger:
+        return lingering(args.linger, args.python)
 
     work = Path(tempfile.mkdtemp(prefix="tftpd-startup-", dir="/tmp"))
     os.chmod(work, 0o755)
