@@ -454,7 +454,6 @@ class Server:
     def _transfer(self, job: Job) -> None:
         req = job.request
         kind = "RRQ" if req.opcode == Opcode.RRQ else "WRQ"
-        name = paths.display(req.filename)
         who = f"{show(job.peer)} " if self.config.log_address else ""
         sock = socket.socket(job.family, socket.SOCK_DGRAM)
         plan: Optional[Plan] = None
@@ -471,7 +470,8 @@ class Server:
                 if trace is not None:
                     trace(">", job.peer, (e.packet(),))
                 sock.sendto(e.packet(), job.peer)
-                log.warning("%s%s %s refused: %s", who, kind, name, e.message)
+                log.warning("%s%s %s refused: %s", who, kind, paths.display(req.filename),
+                            e.message)
                 return
             engine = self._engine(plan, sock, job.peer, trace)
             with self.lock:
@@ -481,7 +481,7 @@ class Server:
                 return
             start = time.monotonic()
             drive(engine, sock, trace=trace)
-            self._report(engine, plan, job, kind, name, who, start)
+            self._report(engine, plan, job, kind, who, start)
         finally:
             if plan is not None:
                 plan.close()
@@ -504,14 +504,16 @@ class Server:
                         max_timeouts=cfg.max_timeouts, oack=plan.oack,
                         dally=min(max(2 * rto.value, DALLY_MIN), 10.0))
 
-    def _report(self, engine: Engine, plan: Plan, job: Job, kind: str, name: str,
+    def _report(self, engine: Engine, plan: Plan, job: Job, kind: str,
                 who: str, start: float) -> None:
         end = engine.completed_at or time.monotonic()
-        if engine.outcome is Outcome.OK:
-            if self.config.verbose:
-                log.info("%s from %s %s: %s %d bytes in %.3f s (%s)", kind, show(job.peer),
-                         name, "sent" if kind == "RRQ" else "received", engine.bytes,
-                         end - start, _in_force(plan))
+        if engine.outcome is Outcome.OK and not self.config.verbose:
+            return                 # the common case: nothing to log, nothing to format
+        name = paths.display(job.request.filename)
+        if engine.outcome is Outcome.OK:          # with -v
+            log.info("%s from %s %s: %s %d bytes in %.3f s (%s)", kind, show(job.peer),
+                     name, "sent" if kind == "RRQ" else "received", engine.bytes,
+                     end - start, _in_force(plan))
         elif engine.outcome is Outcome.PEER_ERROR:
             log.info("%s%s %s ended by client: %s", who, kind, name, engine.message)
         else:
