@@ -111,6 +111,13 @@ class Inetd:
         rx = re.compile(pattern)
         return sum(1 for ln in self.lines if rx.search(ln))
 
+    def wait_services(self, n: int) -> None:
+        """Until inetd has added its n services (at most 10 s)."""
+        deadline = time.monotonic() + 10
+        while self.count(r"^ADD: ") < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -118,6 +125,23 @@ class Inetd:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
+
+
+def make_root(prefix: str) -> Tuple[Path, Path]:
+    """A world-readable work directory with a root holding one.bin (100 bytes)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(work, 0o755)
+    root = work / "root"
+    root.mkdir()
+    os.chmod(root, 0o755)
+    (root / "one.bin").write_bytes(b"x" * 100)
+    os.chmod(root / "one.bin", 0o644)
+    return work, root
+
+
+def median_p90(xs: List[float]) -> Tuple[float, float]:
+    xs.sort()
+    return statistics.median(xs), xs[min(len(xs) - 1, int(len(xs) * 0.9))]
 
 
 def first_data(port: int, timeout: float = 10.0) -> float:
@@ -140,13 +164,7 @@ def first_data(port: int, timeout: float = 10.0) -> float:
 
 def lingering(n: int, py: str) -> int:
     """N sequential small RRQs to servers that stay after the first one."""
-    work = Path(tempfile.mkdtemp(prefix="tftpd-linger-", dir="/tmp"))
-    os.chmod(work, 0o755)
-    root = work / "root"
-    root.mkdir()
-    os.chmod(root, 0o755)
-    (root / "one.bin").write_bytes(b"x" * 100)
-    os.chmod(root / "one.bin", 0o644)
+    work, root = make_root("tftpd-linger-")
     me = pwd.getpwuid(os.getuid()).pw_name
     pkg = str(REPO / "tftpd")
     idle = 3
@@ -162,10 +180,7 @@ def lingering(n: int, py: str) -> int:
     inetd = Inetd(conf)
     results: Dict[str, List[float]] = {name: [] for name in servers}
     try:
-        deadline = time.monotonic() + 10
-        while inetd.count(r"^ADD: ") < len(servers) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.2)
+        inetd.wait_services(len(servers))
         for name, (port, _cmd) in servers.items():
             reaped = inetd.count(r" reaped, status ")
             first_data(port)                          # starts the server; not counted
@@ -183,9 +198,7 @@ def lingering(n: int, py: str) -> int:
           f" ({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})")
     print(f"{'server':34} {'median':>9} {'p90':>9} {'req/s':>8} {'speed-up':>9}")
     for name, xs in results.items():
-        xs.sort()
-        med = statistics.median(xs)
-        p90 = xs[min(len(xs) - 1, int(len(xs) * 0.9))]
+        med, p90 = median_p90(xs)
         print(f"{name:34} {med * 1e6:7.0f}us {p90 * 1e6:7.0f}us {len(xs) / sum(xs):8.0f} "
               f"{ref / med:8.1f}x")
     return 0
@@ -205,13 +218,7 @@ def main() -> int:
     if args.linger:
         return lingering(args.linger, args.python)
 
-    work = Path(tempfile.mkdtemp(prefix="tftpd-startup-", dir="/tmp"))
-    os.chmod(work, 0o755)
-    root = work / "root"
-    root.mkdir()
-    os.chmod(root, 0o755)
-    (root / "one.bin").write_bytes(b"x" * 100)
-    os.chmod(root / "one.bin", 0o644)
+    work, root = make_root("tftpd-startup-")
     me = pwd.getpwuid(os.getuid()).pw_name
     py = args.python
     venv = sys.executable
@@ -234,10 +241,7 @@ def main() -> int:
                             for port, user, cmd in servers.values()))
     inetd = Inetd(conf)
     try:
-        deadline = time.monotonic() + 10
-        while inetd.count(r"^ADD: ") < len(servers) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.2)
+        inetd.wait_services(len(servers))
         results: Dict[str, List[float]] = {name: [] for name in servers}
         # one warm-up per server (page cache, .pyc), not counted
         for rnd in range(args.trials + 1):
@@ -261,9 +265,7 @@ def main() -> int:
     print(f"(-I -S forms with {py}; 'ratio' is the median over in.tftpd's median)")
     print(f"{'server':34} {'median':>9} {'min':>9} {'p90':>9} {'ratio':>7}")
     for name, xs in results.items():
-        xs.sort()
-        med = statistics.median(xs)
-        p90 = xs[min(len(xs) - 1, int(len(xs) * 0.9))]
+        med, p90 = median_p90(xs)
         print(f"{name:34} {med * 1e3:7.1f}ms {xs[0] * 1e3:7.1f}ms {p90 * 1e3:7.1f}ms "
               f"{med / ref:6.1f}x")
     return 0
