@@ -416,6 +416,31 @@ class _Aborted(Exception):
     """This attempt died before its first block: start over."""
 
 
+def _from_peer(sock: socket.socket, out: Outcome, tid: Optional[Address], datagram: bytes,
+               addr: Address, on_tid: Optional[Callable[[Address], None]] = None
+               ) -> Tuple[Optional[Address], Optional[int]]:
+    """Count a datagram and check its transfer ID; returns (tid, opcode).
+
+    The first sender becomes the TID; another one gets ERROR 5 and opcode None.
+    An ERROR is recorded in ``out.error``.
+    """
+    out.received += 1
+    addr = addr[:2]
+    if tid is None:
+        tid = out.tid = addr
+        if on_tid is not None:
+            on_tid(addr)
+    elif addr != tid:
+        out.other_tids.add(addr)
+        sock.sendto(_error(5, "Unknown transfer ID"), addr)
+        return tid, None
+    op = datagram[1] if len(datagram) >= 2 else -1
+    if op == ERROR:
+        out.error = (_HDR.unpack_from(datagram)[1],
+                     datagram[4:].split(b"\0")[0].decode("utf-8", "replace"))
+    return tid, op
+
+
 class _Patience:
     """The client's timer: ``first`` seconds, doubled on each timeout in a row up
     to ``cap``; the transfer is given up after ``patience`` seconds of silence."""
@@ -499,21 +524,10 @@ def _get_once(server: Address, name: str, options: Optional[Mapping[str, str]],
                 gap_reported = False
                 in_window = 0
                 continue
-            out.received += 1
-            addr = addr[:2]
-            if tid is None:
-                tid = addr
-                out.tid = addr
-                if on_tid is not None:
-                    on_tid(addr)
-            elif addr != tid:
-                out.other_tids.add(addr)
-                sock.sendto(_error(5, "Unknown transfer ID"), addr)
+            tid, op = _from_peer(sock, out, tid, datagram, addr, on_tid)
+            if op is None:
                 continue
-            op = datagram[1] if len(datagram) >= 2 else -1
             if op == ERROR:
-                out.error = (_HDR.unpack_from(datagram)[1],
-                             datagram[4:].split(b"\0")[0].decode("utf-8", "replace"))
                 return
             if op == OACK:
                 if expected == 1:
@@ -649,19 +663,10 @@ def _put_once(server: Address, name: str, payload: bytes,
                 elif nblocks:
                     sent = send_window()
                 continue
-            out.received += 1
-            addr = addr[:2]
-            if tid is None:
-                tid = addr
-                out.tid = addr
-            elif addr != tid:
-                out.other_tids.add(addr)
-                sock.sendto(_error(5, "Unknown transfer ID"), addr)
+            tid, op = _from_peer(sock, out, tid, datagram, addr)
+            if op is None:
                 continue
-            op = datagram[1] if len(datagram) >= 2 else -1
             if op == ERROR:
-                out.error = (_HDR.unpack_from(datagram)[1],
-                             datagram[4:].split(b"\0")[0].decode("utf-8", "replace"))
                 return
             if not nblocks:                        # the first answer: OACK or ACK 0
                 if op == OACK:
