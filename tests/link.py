@@ -217,6 +217,18 @@ class _Client:
     def violation(self, what: str) -> None:
         self.violations.append(f"t={self.sim.now:.3f}: {what}")
 
+    def _screen(self, packet: bytes, src: Address) -> Optional[int]:
+        """The opcode of a datagram to act on; None after a stray or an ERROR."""
+        if src != SERVER:
+            self.violation(f"datagram from {src}")
+            return None
+        op = opcode(packet) if len(packet) >= 2 else -1
+        if op == ERROR:
+            self.server_error = packet
+            self.stop()
+            return None
+        return op
+
     def stop(self) -> None:
         self.deadline = INF
 
@@ -245,13 +257,8 @@ class ReadClient(_Client):
         self.deadline = now + self.timeout
 
     def receive(self, packet: bytes, src: Address, now: float) -> None:
-        if src != SERVER:
-            self.violation(f"datagram from {src}")
-            return
-        op = opcode(packet) if len(packet) >= 2 else -1
-        if op == ERROR:
-            self.server_error = packet
-            self.stop()
+        op = self._screen(packet, src)
+        if op is None:
             return
         if op == OACK:
             self.oacks += 1
@@ -342,13 +349,8 @@ class WriteClient(_Client):
         self.deadline = now + self.timeout
 
     def receive(self, packet: bytes, src: Address, now: float) -> None:
-        if src != SERVER:
-            self.violation(f"datagram from {src}")
-            return
-        op = opcode(packet) if len(packet) >= 2 else -1
-        if op == ERROR:
-            self.server_error = packet
-            self.stop()
+        op = self._screen(packet, src)
+        if op is None:
             return
         if self.done:
             return
