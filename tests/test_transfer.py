@@ -832,18 +832,20 @@ def _bounded_failure(sim: Sim) -> None:
     assert sim.server_sent[-1][0] - max(heard, 1000.0) <= MAX_TIMEOUTS * MAX_RTO
 
 
+def oack_for(blksize: int, windowsize: int) -> Any:
+    """The OACK a server sends for these options (None: no options)."""
+    opts = {k: v for k, v, default in (("blksize", blksize, 512),
+                                       ("windowsize", windowsize, 1)) if v != default}
+    return make_oack(**opts) if opts else None
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(transfer_case())
 def test_lossy_link_read_exact_bytes_or_clean_timeout(case: tuple) -> None:
     blksize, windowsize, size, seed = case
     body = content(size, seed & 0xFF)
-    opts = {}
-    if blksize != 512:
-        opts["blksize"] = blksize
-    if windowsize != 1:
-        opts["windowsize"] = windowsize
     sim = read_sim(body, blksize=blksize, windowsize=windowsize,
-                   oack=make_oack(**opts) if opts else None,
+                   oack=oack_for(blksize, windowsize),
                    schedule=Schedule(seed=seed, **LOSSY), max_timeouts=MAX_TIMEOUTS)
     sends_on_dup = watch_duplicate_acks(sim)
     sim.run()
@@ -868,13 +870,8 @@ def test_lossy_link_read_exact_bytes_or_clean_timeout(case: tuple) -> None:
 def test_lossy_link_write_exact_bytes_or_clean_timeout(case: tuple) -> None:
     blksize, windowsize, size, seed = case
     body = content(size, seed & 0xFF)
-    opts = {}
-    if blksize != 512:
-        opts["blksize"] = blksize
-    if windowsize != 1:
-        opts["windowsize"] = windowsize
     sim = write_sim(body, blksize=blksize, windowsize=windowsize,
-                    oack=make_oack(**opts) if opts else None,
+                    oack=oack_for(blksize, windowsize),
                     schedule=Schedule(seed=seed, **LOSSY), max_timeouts=MAX_TIMEOUTS)
     sim.run()
     engine, client = sim.engine, sim.client
