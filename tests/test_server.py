@@ -498,8 +498,13 @@ def test_duplicate_request_while_running_is_not_a_second_transfer(shared: Server
     assert bytes(got) == content
     assert peer.sources() == {tid}
     port = peer.port
-    assert wait_until(lambda: any(f":{port} " in l and "f5000.bin" in l for l in shared.lines))
-    assert sum(f":{port} " in l for l in shared.lines) == 1, shared.log()
+    assert_one_transfer_logged(shared, port, "f5000.bin")
+
+
+def assert_one_transfer_logged(server: ServerProcess, port: int, name: str) -> None:
+    """The -v log has exactly one line for this client port (one transfer of name)."""
+    assert wait_until(lambda: any(f":{port} " in l and name in l for l in server.lines))
+    assert sum(f":{port} " in l for l in server.lines) == 1, server.log()
 
 
 def test_peer_that_never_acks(tftpd_server, tmp_path: Path, host: str) -> None:
@@ -605,8 +610,7 @@ def test_duplicate_request_while_queued(tftpd_server, tmp_path: Path, host: str)
         assert peer.sources() == {tid}
         assert len(peer.received(OACK)) == 1
     port = peer.port
-    assert wait_until(lambda: any(f":{port} " in l and "f.bin" in l for l in server.lines))
-    assert sum(f":{port} " in l for l in server.lines) == 1, server.log()
+    assert_one_transfer_logged(server, port, "f.bin")
 
 
 def test_client_error_after_oack_ends_quietly(tftpd_server, tmp_path: Path, host: str) -> None:
