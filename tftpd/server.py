@@ -23,7 +23,7 @@ from . import paths
 from .admission import Admission
 from .packets import MalformedPacket, Opcode, Request, TftpError, decode
 from .trace import describe, tracer
-from .transfer import Outcome, Receiver, Rto, Sender
+from .transfer import Outcome, Receiver, Rto, Sender, stray_reply
 from .worker import drive, make_transmit
 
 TYPE_CHECKING = False
@@ -48,6 +48,9 @@ _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 _ANC_SIZE = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12) + socket.CMSG_SPACE(16)
 _REQUEST_MAX = 65536
 _THREAD_STACK = 512 * 1024
+_SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", None)
+_STRAYS = object()     # selector key data of a transfer port's stray catcher
+_STRAY_BATCH = 64      # strays answered per catcher per wake-up of the request loop
 STOP_GRACE = 60.0      # SIGTERM/SIGINT: running transfers get this long to finish
 DALLY_MIN = 1.0        # after a WRQ: a client's resend of its last DATA comes after its own timer
 
@@ -55,7 +58,7 @@ DALLY_MIN = 1.0        # after a WRQ: a client's resend of its last DATA comes a
 class Job:
     """One request on its way to a worker (compared by identity)."""
 
-    __slots__ = ("request", "peer", "local", "family", "received", "key", "engine")
+    __slots__ = ("request", "peer", "local", "family", "received", "key", "engine", "ended")
 
     def __init__(self, request: Request, peer: Address, local: Address, family: int,
                  received: float, key: Tuple[Any, ...] = ()) -> None:
@@ -66,6 +69,7 @@ class Job:
         self.received = received
         self.key = key            # (peer, request datagram): what a retransmission repeats
         self.engine: Optional[Engine] = None   # set when the transfer starts
+        self.ended = False        # set before its socket is shut down to end it
 
 
 def enable_pktinfo(sock: socket.socket) -> None:
@@ -250,7 +254,7 @@ class Server:
         # request is recognised by this key; a different request from the same
         # port (tftp-hpa's interactive client reuses its port) is a new transfer.
         self.active: Dict[Tuple[Any, ...], Job] = {}
-        self.transfers: Dict[int, Tuple[socket.socket, Engine]] = {}  # id(job) -> (sock, engine)
+        self.transfers: Dict[int, Tuple[socket.socket, Engine, Job]] = {}  # id(job) -> ...
         self.stopping = 0                          # 1: graceful, 2: forced
         self.last_activity = time.monotonic()
         self.dropped = 0
@@ -259,6 +263,10 @@ class Server:
         self._want_debug: Optional[bool] = None    # set by a signal, applied by the loop
         self._want_reopen = False                  # SIGHUP
         self._wake_r, self._wake_w = socket.socketpair()
+        # The request loop also answers strays to the transfers' ports: each
+        # transfer socket is connected to its peer, and a second socket bound
+        # to the same port with SO_REUSEPORT (the "catcher") gets what others send.
+        self._sel = selectors.DefaultSelector()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         for s in sockets:
@@ -320,7 +328,7 @@ class Server:
 
     # -- the request loop --------------------------------------------------
     def serve(self) -> int:
-        sel = selectors.DefaultSelector()
+        sel = self._sel
         for s in self.sockets:
             sel.register(s, selectors.EVENT_READ, s)      # key.data: the socket
         sel.register(self._wake_r, selectors.EVENT_READ)
@@ -329,7 +337,9 @@ class Server:
         try:
             while not self.stopping:
                 for key, _ in sel.select(timeout):
-                    if key.fileobj is self._wake_r:
+                    if key.data is _STRAYS:
+                        self._answer_strays(key.fileobj, buf)   # type: ignore[arg-type]
+                    elif key.fileobj is self._wake_r:
                         self._drain_wake()
                     else:
                         self._read_requests(key.data, buf)
@@ -343,9 +353,9 @@ class Server:
                         log.debug("idle for %s s: exiting", idle)
                         break
                     timeout = left
+            return self._shutdown()
         finally:
             sel.close()
-        return self._shutdown()
 
     def _drain_wake(self) -> None:
         try:
@@ -383,8 +393,9 @@ class Server:
                 self._release(job)
         with self.lock:
             running = list(self.transfers.values())
-        for sock, engine in running:
+        for sock, engine, job in running:
             if every or getattr(engine, "outcome", Outcome.RUNNING) is not Outcome.RUNNING:
+                job.ended = True
                 try:
                     sock.shutdown(socket.SHUT_RD)
                 except OSError:
@@ -435,6 +446,48 @@ class Server:
                 self._drop_logged = now
                 self.dropped = 0
 
+    def _answer_strays(self, catcher: socket.socket, buf: bytearray) -> None:
+        """ERROR 5 to datagrams sent to a transfer's port by anyone but its peer."""
+        for _ in range(_STRAY_BATCH):
+            try:
+                n, addr = catcher.recvfrom_into(buf)
+            except OSError:          # drained, or closed by its worker meanwhile
+                return
+            reply = stray_reply(buf[:n])
+            if self.debug:
+                log.debug("trace %s < %s (stray)", show(addr), describe((bytes(buf[:n]),)))
+            if reply is not None:
+                try:
+                    catcher.sendto(reply, addr)
+                except OSError:
+                    pass
+
+    def _catch_strays(self, sock: socket.socket, peer: Address) -> Optional[socket.socket]:
+        """Connect ``sock`` (bound with SO_REUSEPORT) to ``peer`` and open its
+        stray catcher; None (and ``sock`` left unconnected) if that fails."""
+        catcher = socket.socket(sock.family, socket.SOCK_DGRAM)
+        try:
+            catcher.setsockopt(socket.SOL_SOCKET, _SO_REUSEPORT, 1)   # type: ignore[arg-type]
+            catcher.bind(sock.getsockname())
+            catcher.setblocking(False)
+            self._sel.register(catcher, selectors.EVENT_READ, _STRAYS)
+        except (OSError, ValueError, RuntimeError):   # ValueError/RuntimeError: selector closed
+            catcher.close()
+            return None
+        try:
+            sock.connect(peer)
+        except OSError:
+            self._drop_catcher(catcher)
+            return None
+        return catcher
+
+    def _drop_catcher(self, catcher: socket.socket) -> None:
+        try:
+            self._sel.unregister(catcher)
+        except (KeyError, ValueError, RuntimeError, OSError):
+            pass
+        catcher.close()
+
     def _release(self, job: Job) -> None:
         with self.lock:
             if self.active.get(job.key) is job:
@@ -456,9 +509,16 @@ class Server:
         kind = "RRQ" if req.opcode == Opcode.RRQ else "WRQ"
         who = f"{show(job.peer)} " if self.config.log_address else ""
         sock = socket.socket(job.family, socket.SOCK_DGRAM)
+        catcher: Optional[socket.socket] = None
         plan: Optional[Plan] = None
         trace = tracer(show) if self.debug else None
         try:
+            reuse = _SO_REUSEPORT is not None
+            if reuse:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, _SO_REUSEPORT, 1)   # type: ignore[arg-type]
+                except OSError:
+                    reuse = False
             sock.bind(job.local)
             if trace is not None:
                 _so_debug(sock)
@@ -473,26 +533,31 @@ class Server:
                 log.warning("%s%s %s refused: %s", who, kind, paths.display(req.filename),
                             e.message)
                 return
-            engine = self._engine(plan, sock, job.peer, trace)
+            if reuse:
+                catcher = self._catch_strays(sock, job.peer)
+            engine = self._engine(plan, sock, job.peer, trace, connected=catcher is not None)
             with self.lock:
                 job.engine = engine
-                self.transfers[id(job)] = (sock, engine)
+                self.transfers[id(job)] = (sock, engine, job)
             if self.stopping >= 2:
                 return
             start = time.monotonic()
-            drive(engine, sock, trace=trace)
+            drive(engine, sock, trace=trace, connected=catcher is not None,
+                  stopped=lambda: job.ended)
             self._report(engine, plan, job, kind, who, start)
         finally:
             if plan is not None:
                 plan.close()
+            if catcher is not None:
+                self._drop_catcher(catcher)
             sock.close()
 
     def _engine(self, plan: Plan, sock: socket.socket, peer: Address,
-                trace: Optional[Trace] = None) -> Engine:
+                trace: Optional[Trace] = None, connected: bool = False) -> Engine:
         n = plan.negotiated
         cfg = self.config
         rto = Rto(n.timeout, fixed=True) if n.timeout else Rto(cfg.timeout)
-        transmit = make_transmit(sock, trace)
+        transmit = make_transmit(sock, trace, peer if connected else None)
         if plan.opcode == Opcode.RRQ:
             assert plan.source is not None
             return Sender(plan.source, peer, transmit, blksize=n.blksize,

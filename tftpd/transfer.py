@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 else:
     Protocol = object          # Source and Sink: plain classes at run time
 
-__all__ = ["Outcome", "Rto", "Sender", "Receiver", "Source", "Sink", "FIRST_REPLY_TIMEOUTS"]
+__all__ = ["Outcome", "Rto", "Sender", "Receiver", "Source", "Sink", "FIRST_REPLY_TIMEOUTS",
+           "stray_reply"]
 
 _DATA_HDR = struct.Struct("!HH")
 _ERR_TID = error_packet(ErrorCode.UNKNOWN_TID, "Unknown transfer ID")
@@ -52,6 +53,14 @@ _INF = math.inf
 
 MIN_RTO = 0.2
 MAX_RTO = 64.0
+
+
+def stray_reply(data: Buffer) -> Optional[bytes]:
+    """The answer to a datagram from another TID: ERROR 5, unless it is an
+    ERROR itself (two servers must never trade errors)."""
+    if len(data) >= 2 and data[0] == 0 and data[1] == Opcode.ERROR:
+        return None
+    return _ERR_TID
 
 
 class Outcome(enum.Enum):
@@ -183,9 +192,9 @@ class _Transfer:
 
     def _stray(self, data: Buffer, addr: Address) -> None:
         """A datagram from another TID: answer ERROR 5 unless it is an ERROR."""
-        if len(data) >= 2 and data[0] == 0 and data[1] == Opcode.ERROR:
-            return
-        self.transmit(_ERR_TID, addr)
+        reply = stray_reply(data)
+        if reply is not None:
+            self.transmit(reply, addr)
 
     def _peer_error(self, data: Buffer) -> None:
         code = data[2] << 8 | data[3] if len(data) >= 4 else 0
