@@ -115,6 +115,8 @@ class Source(Protocol):
 
     ``packet(index, number)`` is the DATA packet of block ``index`` with wire
     block number ``number``; a payload shorter than blksize ends the file.
+    A source may also have ``ahead(index)`` and ``end`` (see FileSource):
+    ``Sender.pump`` then has block ``index`` read while it waits for an ACK.
     """
 
     def packet(self, index: int, number: int) -> Buffer: ...
@@ -287,11 +289,103 @@ class Sender(_Transfer):
                 or self.waiting_oack or self.deadline == _INF):
             self._other(data, addr, now)
             return
-        # An ACK in the data phase.
+        self._ack(data[2] << 8 | data[3], now)
+
+    def pump(self, recv: Callable[[bytearray], int], send: Callable[[Buffer], object],
+             buf: bytearray, clock: Callable[[], float]) -> int:
+        """The per-block path, for a driver whose socket hears only the peer.
+
+        Reads datagrams with ``recv(buf)`` (which blocks for at most the
+        current timeout and raises when it expires) and answers each ACK of a
+        whole window with the next window through ``send(packet)`` (the
+        socket's own, connected to the peer), all without returning and with
+        the transfer's state in local variables: this is ``_ack`` and
+        ``_send_window`` for the case that is nearly every block, written out
+        so that a block costs no Python call but ``source.packet``.
+
+        Returns the length of a datagram it leaves in ``buf`` for ``receive``
+        (anything but such an ACK: an ERROR, a gap, the final ACK, a duplicate
+        ...), or -1 when the driver must re-arm its timer (the retransmission
+        timeout changed).  Any state in which this shortcut does not apply
+        (waiting for ACK 0, after a timeout, ...) hands the first datagram
+        straight back.
+        """
+        rto = self.rto
+        if (self.waiting_oack or self.retransmitted or not self.answered
+                or self.deadline == _INF or self.last):
+            return recv(buf)
+        base, nxt, window, modulus = self.base, self.next, self.window, self.modulus
+        wrap = self.wire.base
+        sent_at = self.sent_at
+        fixed, floor, cap = rto.fixed, rto.floor, rto.cap
+        srtt, rttvar, value = rto.srtt, rto.rttvar, rto.value
+        v = value
+        source: Any = self.source
+        packet = source.packet
+        ahead = getattr(source, "ahead", None)     # FileSource: read-ahead
+        full = self.blksize + 4
+        last = last_len = 0
+        moved = False
+        try:
+            while True:
+                n = recv(buf)
+                if n != 4 or buf[1] != 4 or buf[0]:
+                    return n
+                if base + ((buf[2] << 8 | buf[3]) - base) % modulus != nxt - 1:
+                    return n          # a duplicate, a gap: the general path
+                now = clock()
+                if not fixed:         # Rto.sample (RFC 6298)
+                    rtt = now - sent_at
+                    if srtt < 0:
+                        srtt, rttvar = rtt, rtt / 2
+                    else:
+                        rttvar += 0.25 * ((srtt - rtt if srtt > rtt else rtt - srtt) - rttvar)
+                        srtt += 0.125 * (rtt - srtt)
+                    v = srtt + 4 * rttvar
+                    v = floor if v < floor else cap if v > cap else v
+                moved = True
+                base = index = nxt
+                end = base + window
+                sent_at = now
+                try:
+                    while index < end:
+                        pkt = packet(index, index if index <= 65535
+                                     else (index - wrap) % modulus + wrap)
+                        try:
+                            send(pkt)
+                        except OSError:
+                            pass      # a lost datagram: the timer resends
+                        index += 1
+                        if len(pkt) < full:
+                            last, last_len = index - 1, len(pkt) - 4
+                            break
+                    else:
+                        if ahead is not None and index >= source.end:
+                            ahead(index)
+                except OSError as e:
+                    self._finish(Outcome.ERROR, f"read failed: {e.strerror or e}",
+                                 (ErrorCode.UNDEFINED, "Read error"))
+                    return -1
+                finally:
+                    nxt = index
+                if last or v != value:
+                    return -1         # the end is in flight, or the timer moved
+        finally:
+            if moved:                 # write the state back
+                self.base, self.next, self.sent_at = base, nxt, sent_at
+                if last:
+                    self.last, self.last_len = last, last_len
+                if not fixed:
+                    rto.srtt, rto.rttvar, rto.value = srtt, rttvar, v
+                if self.deadline != _INF:     # (timeouts is 0: pump starts after an answer)
+                    self.deadline = sent_at + v
+
+    def _ack(self, number: int, now: float) -> bool:
+        """An ACK in the data phase; True if it moved the window."""
         base = self.base
-        acked = base + ((data[2] << 8 | data[3]) - base) % self.modulus
+        acked = base + (number - base) % self.modulus
         if acked >= self.next:
-            return    # duplicate or future ACK: never retransmit on it (RFC 1123)
+            return False    # duplicate or future ACK: never retransmit on it (RFC 1123)
         rto = self.rto
         if self.retransmitted:
             self.retransmitted = False
@@ -306,10 +400,11 @@ class Sender(_Transfer):
         if acked == self.last:
             self.completed_at = now
             self._finish(Outcome.OK)
-            return
+            return True
         if acked + 1 < self.next:
             self.next = acked + 1        # the peer reported a gap: go back
         self._send_window(now)
+        return True
 
     def _other(self, data: Buffer, addr: Address, now: float) -> None:
         if addr != self.peer:

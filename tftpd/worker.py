@@ -91,6 +91,7 @@ def drive(engine: Engine, sock: socket.socket,
     view = memoryview(buf)
     recv = sock.recvfrom_into
     recv_connected = sock.recv_into
+    send = sock.send
     peer = engine.peer
     receive = engine.receive
     if trace is not None:
@@ -99,6 +100,8 @@ def drive(engine: Engine, sock: socket.socket,
         def receive(data: Buffer, addr: Address, now: float) -> None:
             trace("<", addr, (data,))
             untraced(data, addr, now)
+    pump = engine.pump if connected and trace is None and isinstance(engine, Sender) else None
+    addr: Optional[Address]
     inf = float("inf")
     current_ms = -1
     engine.start(clock())
@@ -115,7 +118,14 @@ def drive(engine: Engine, sock: socket.socket,
             _set_timeout(sock, ms)
             current_ms = ms
         try:
-            if connected:
+            if pump is not None:
+                n = pump(recv_connected, send, buf, clock)
+                if n < 0:
+                    continue
+                addr = peer
+                if not n and stopped():
+                    addr = None
+            elif connected:
                 n = recv_connected(buf)
                 addr = peer
                 if not n and stopped():
