@@ -25,6 +25,7 @@ def root(tmp_path: Path) -> Path:
     r = tmp_path / "root"
     r.mkdir()
     (r / "big.bin").write_bytes(BIG)
+    (r / "huge.bin").write_bytes(BIG * 4)   # 81 blocks: a connected transfer socket
     (r / "small.txt").write_bytes(b"small\n")
     return r
 
@@ -218,13 +219,14 @@ def test_signal_stops_taking_requests_and_lets_transfers_finish(tftpd_server, ro
     assert any("big.bin: sent 10240 bytes" in ln for ln in srv.lines)
 
 
-def test_second_signal_ends_transfers_at_once(tftpd_server, root) -> None:
+@pytest.mark.parametrize("name", ["big.bin", "huge.bin"])
+def test_second_signal_ends_transfers_at_once(tftpd_server, root, name: str) -> None:
     srv = tftpd_server(root=root)
     result: List[object] = []
 
     def slow() -> None:
         try:
-            result.append(fetch(srv.addr, "big.bin", ack_delay=0.5))
+            result.append(fetch(srv.addr, name, ack_delay=0.5))
         except TftpFailure as e:
             result.append(e)
 

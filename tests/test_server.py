@@ -110,7 +110,7 @@ def shared(request, tmp_path_factory):
     root.mkdir()
     upload = base / "upload"
     upload.mkdir()
-    for size in SIZES + [5000]:
+    for size in SIZES + [5000, 40000]:
         put(root, f"f{size}.bin", payload(size, size))
     put(root, "secret.bin", b"private\n", 0o600)
     (root / "dir").mkdir()
@@ -427,16 +427,40 @@ def test_duplicate_ack_mid_transfer_sends_nothing(shared: ServerProcess) -> None
     assert bytes(got) == content
 
 
-@pytest.mark.parametrize("kind", ["RRQ", "WRQ"])
-def test_wrong_tid_gets_error_5_and_transfer_continues(shared: ServerProcess, kind: str) -> None:
-    content = payload(5000, 42)
-    name = "f5000.bin" if kind == "RRQ" else "tid-up.bin"
+def udp_sockets_on(port: int, family: int) -> List[str]:
+    """The kernel's view of the UDP sockets bound to ``port``: "connected"
+    (state 01, a remote address) or "unconnected" (07), from /proc/net/udp[6]."""
+    table = "/proc/net/udp6" if family == socket.AF_INET6 else "/proc/net/udp"
+    out = []
+    with open(table) as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == port:
+                out.append("connected" if fields[3] == "01" else "unconnected")
+    return sorted(out)
+
+
+# A transfer of at least server.CONNECT_MIN_BLOCKS blocks runs on a socket
+# connected to its peer, strays going to a catcher on the same port; a
+# shorter one on one unconnected socket, where the engine answers strays.
+@pytest.mark.parametrize("kind,size", [("RRQ", 5000), ("RRQ", 40000), ("WRQ", 5000),
+                                       ("WRQ", 40000)])
+def test_wrong_tid_gets_error_5_and_transfer_continues(shared: ServerProcess, kind: str,
+                                                       size: int) -> None:
+    content = payload(size, 42)
+    name = f"f{size}.bin" if kind == "RRQ" else f"tid-up-{size}.bin"
     if kind == "RRQ":
         content = (shared.root / name).read_bytes()
+    blocks = size // 512 + 1
     with Peer(shared.addr) as peer, Peer(shared.addr) as intruder:
         opts = {"timeout": "10"}
+        if kind == "WRQ" and size > 5000:
+            opts["tsize"] = str(size)           # tells the server the upload is long
         peer.send(rrq(name, options=opts) if kind == "RRQ" else wrq(name, options=opts))
         first, tid = peer.expect(op=OACK)
+        family = socket.AF_INET6 if ":" in tid[0] else socket.AF_INET
+        assert udp_sockets_on(tid[1], family) == (
+            ["connected", "unconnected"] if size > 5000 else ["unconnected"])
         if kind == "RRQ":
             peer.send(ack(0), tid)
             d1, _ = peer.expect(op=DATA)
@@ -451,7 +475,7 @@ def test_wrong_tid_gets_error_5_and_transfer_continues(shared: ServerProcess, ki
             assert peer.listen(0.3) == [], "the stray packets disturbed the transfer"
             got = bytearray(d1.payload)
             block = 1
-            for _ in range(20):
+            for _ in range(blocks):
                 peer.send(ack(block), tid)
                 pkt, addr = peer.expect(op=DATA)
                 assert addr == tid and pkt.block == block + 1
@@ -462,7 +486,7 @@ def test_wrong_tid_gets_error_5_and_transfer_continues(shared: ServerProcess, ki
                     break
             assert bytes(got) == content
         else:
-            for index in range(1, 11):
+            for index in range(1, blocks + 1):
                 chunk = content[(index - 1) * 512:index * 512]
                 peer.send(data(index, chunk), tid)
                 if index == 3:
@@ -471,7 +495,15 @@ def test_wrong_tid_gets_error_5_and_transfer_continues(shared: ServerProcess, ki
                     assert pkt.code == 5
                 pkt, addr = peer.expect(op=ACK)
                 assert addr == tid and pkt.block == index
+            deadline = time.monotonic() + 5
+            while not (shared.upload / name).exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
             assert file_sha(shared.upload / name) == sha(content)
+    if kind == "RRQ":          # (a WRQ dallies for its client's last DATA first)
+        deadline = time.monotonic() + 5             # the catcher goes with the transfer
+        while udp_sockets_on(tid[1], family) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert udp_sockets_on(tid[1], family) == []
 
 
 def test_duplicate_request_while_running_is_not_a_second_transfer(shared: ServerProcess) -> None:

@@ -57,12 +57,14 @@ class RootsPolicy:
 class Plan:
     """An admitted request: its open file and what was negotiated."""
 
-    __slots__ = ("opcode", "path", "netascii", "negotiated", "oack", "source", "sink", "fd")
+    __slots__ = ("opcode", "path", "netascii", "negotiated", "oack", "source", "sink", "fd",
+                 "size")
 
     def __init__(self, opcode: Opcode, path: str, netascii: bool, negotiated: Negotiated,
                  oack: Optional[bytes],
                  source: Union[FileSource, NetasciiSource, None] = None,
-                 sink: Union[AtomicFile, NetasciiSink, None] = None, fd: int = -1) -> None:
+                 sink: Union[AtomicFile, NetasciiSink, None] = None, fd: int = -1,
+                 size: int = -1) -> None:
         self.opcode = opcode
         self.path = path                # real path
         self.netascii = netascii
@@ -71,6 +73,7 @@ class Plan:
         self.source = source
         self.sink = sink
         self.fd = fd
+        self.size = size                # bytes expected: the file's size, a WRQ's tsize, or -1
 
     def close(self) -> None:
         """Release the file; an unfinished upload is removed."""
@@ -152,7 +155,7 @@ class Admission:
                 NetasciiSource(fd, n.blksize, n.windowsize) if text
                 else FileSource(fd, n.blksize, st.st_size))
             return Plan(Opcode.RRQ, path, text, n, oack_packet(n.oack()) if n.acked else None,
-                        source=source, fd=fd)
+                        source=source, fd=fd, size=st.st_size)
         except BaseException:
             os.close(fd)
             raise
@@ -196,4 +199,4 @@ class Admission:
             raise _denied()
         sink: Union[AtomicFile, NetasciiSink] = NetasciiSink(atomic) if text else atomic
         return Plan(Opcode.WRQ, path, text, n, oack_packet(n.oack()) if n.acked else None,
-                    sink=sink)
+                    sink=sink, size=-1 if n.tsize is None else n.tsize)

@@ -51,6 +51,10 @@ _THREAD_STACK = 512 * 1024
 _SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", None)
 _STRAYS = object()     # selector key data of a transfer port's stray catcher
 _STRAY_BATCH = 64      # strays answered per catcher per wake-up of the request loop
+# A transfer socket is connected (with a stray catcher beside it) only when the
+# transfer is expected to be at least this many blocks: the set-up costs about
+# what ten blocks save, and most small files are one or two blocks.
+CONNECT_MIN_BLOCKS = 32
 STOP_GRACE = 60.0      # SIGTERM/SIGINT: running transfers get this long to finish
 DALLY_MIN = 1.0        # after a WRQ: a client's resend of its last DATA comes after its own timer
 
@@ -533,7 +537,7 @@ class Server:
                 log.warning("%s%s %s refused: %s", who, kind, paths.display(req.filename),
                             e.message)
                 return
-            if reuse:
+            if reuse and plan.size >= CONNECT_MIN_BLOCKS * plan.negotiated.blksize:
                 catcher = self._catch_strays(sock, job.peer)
             engine = self._engine(plan, sock, job.peer, trace, connected=catcher is not None)
             with self.lock:
