@@ -136,6 +136,9 @@ FLAGS: Sequence[Flag] = (
          "largest RFC 7440 windowsize granted (default 64)", _int(1, 32768)),
     Flag(None, "queue", "N", "queue_limit",
          "requests that may wait for a free worker (default 1024)", _int(1, 100000)),
+    Flag(None, "processes", "N", "processes",
+         "with -p: serving processes sharing the port, each with up to -c transfers "
+         "(default: one per CPU, at most 4)", _int(1, 64)),
     Flag(None, "daemon", None, "daemon", "with -p: detach and run in the background"),
     Flag(None, "pidfile", "FILE", "pidfile", "PID lock file for --daemon (default /run/tftpd.pid)",
          _text),

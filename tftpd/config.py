@@ -16,7 +16,7 @@ class Config(Frozen):
     __slots__ = ("root", "write_dir", "allow_write", "port", "address", "max_threads",
                  "queue_limit", "refused", "timeout", "max_timeouts", "max_blksize",
                  "max_windowsize", "verbose", "log_address", "socket_debug", "user",
-                 "idle_timeout", "access_file", "daemon", "pidfile", "log_file")
+                 "idle_timeout", "access_file", "daemon", "pidfile", "log_file", "processes")
     root: str                   # --root: read root for relative names
     write_dir: Optional[str]    # -d: WRQ destination for relative names
     allow_write: bool           # -n
@@ -38,6 +38,7 @@ class Config(Frozen):
     daemon: bool
     pidfile: str
     log_file: Optional[str]     # --log-file (reopened on SIGHUP)
+    processes: int              # --processes (standalone); 0: one per CPU, at most 4
 
     def __init__(self, root: str = "/tftpboot", write_dir: Optional[str] = None,
                  allow_write: bool = False, port: Optional[int] = None,
@@ -47,11 +48,12 @@ class Config(Frozen):
                  max_windowsize: int = 64, verbose: bool = False, log_address: bool = False,
                  socket_debug: bool = False, user: str = "nobody", idle_timeout: float = 60.0,
                  access_file: str = "/etc/tftpaccess.ctl", daemon: bool = False,
-                 pidfile: str = "/run/tftpd.pid", log_file: Optional[str] = None) -> None:
+                 pidfile: str = "/run/tftpd.pid", log_file: Optional[str] = None,
+                 processes: int = 0) -> None:
         self._init(root, write_dir, allow_write, port, address, max_threads, queue_limit,
                    refused, timeout, max_timeouts, max_blksize, max_windowsize, verbose,
                    log_address, socket_debug, user, idle_timeout, access_file, daemon,
-                   pidfile, log_file)
+                   pidfile, log_file, processes)
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (``dataclasses.replace``)."""

@@ -39,7 +39,7 @@ from .log import ERROR, Handler, Record, getLogger
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
-    from typing import Callable, List, Optional
+    from typing import Callable, List, Optional, Tuple
 
 __all__ = ["run", "check_pidfile", "read_pid", "process_alive"]
 
@@ -178,7 +178,23 @@ def _wait_for_daemon(r: int, child: int) -> int:
     return 1
 
 
-def run(pidfile: str, sock: socket.socket, start: Callable[[Callable[[], None]], int]) -> int:
+_foreground: List[Tuple[int, Handler]] = []     # the daemon's pipe to the foreground
+
+
+def forget_foreground() -> None:
+    """In a process forked by the daemon: drop its inherited end of the pipe
+    to the waiting foreground (only the daemon's main process reports)."""
+    for fd, relay in _foreground:
+        log.removeHandler(relay)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _foreground.clear()
+
+
+def run(pidfile: str, socks: List[socket.socket],
+        start: Callable[[Callable[[], None]], int]) -> int:
     """Detach and run ``start(ready)`` in the daemon; return the exit status.
 
     ``start`` sets the server up (privileges, access table, signal handlers),
@@ -208,7 +224,8 @@ def run(pidfile: str, sock: socket.socket, start: Callable[[Callable[[], None]],
     child = os.fork()
     if child:
         os.close(w)
-        sock.close()
+        for sock in socks:
+            sock.close()
         return _wait_for_daemon(r, child)
 
     os.close(r)
@@ -221,7 +238,7 @@ def run(pidfile: str, sock: socket.socket, start: Callable[[Callable[[], None]],
         detach_process=True,               # also under init/systemd (Type=forking)
         umask=0o022,                       # python-daemon's default 0 would make uploads 0666
         working_directory="/",
-        files_preserve=[sock.fileno(), w] + logsetup.descriptors(),
+        files_preserve=[s.fileno() for s in socks] + [w] + logsetup.descriptors(),
         pidfile=daemon.pidfile.TimeoutPIDLockFile(pidfile, acquire_timeout=0),
         signal_map={signal.SIGTERM: hold, signal.SIGINT: hold, signal.SIGHUP: hold,
                     signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None},
@@ -241,9 +258,11 @@ def run(pidfile: str, sock: socket.socket, start: Callable[[Callable[[], None]],
     logsetup.drop_stderr()
     relay = _PipeHandler(w)
     log.addHandler(relay)
+    _foreground.append((w, relay))
 
     def ready() -> None:
         log.removeHandler(relay)
+        _foreground.clear()
         try:
             os.write(w, _READY)
             os.close(w)

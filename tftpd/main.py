@@ -67,12 +67,16 @@ def _policy(config: Config) -> AccessTable:
     return table
 
 
-def _drop_privileges(config: Config) -> bool:
+def _drop_privileges(config: Config, processes: int = 1) -> bool:
     """After binding: become --user (if root); False means do not serve."""
     log = logsetup.getLogger("tftpd")
+    needs = []
+    if config.allow_write:
+        needs.append("upload")          # (tempfile: preloaded only when -n allows uploads)
+    if processes > 1:
+        needs.append("processes")
     try:
-        # (uploads import tempfile: preloaded only when -n allows them)
-        who = privileges.drop(config.user, needs=("upload",) if config.allow_write else ())
+        who = privileges.drop(config.user, needs=needs)
     except privileges.PrivilegeError as e:
         log.error("refusing to serve: %s", e)
         return False
@@ -112,13 +116,28 @@ def _setup_log(config: Config, stderr: bool) -> bool:
     return True
 
 
+MAX_DEFAULT_PROCESSES = 4
+_HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+
+
+def default_processes() -> int:
+    """--processes by default: one per CPU this process may run on, at most 4."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_DEFAULT_PROCESSES))
+
+
 def standalone(config: Config) -> int:
-    from .server import bind_standalone
+    from .server import bind_siblings, bind_standalone
     if not _setup_log(config, stderr=True):
         return 1
     assert config.port is not None
+    count = config.processes or default_processes()
     try:
-        sock = bind_standalone(config.port, config.address)
+        sock = bind_standalone(config.port, config.address, reuse_port=count > 1)
+        socks = [sock] + bind_siblings(sock, count - 1)
     except OSError as e:
         where = f"{config.address or '*'} port {config.port}"
         sys.stderr.write(f"tftpd: cannot bind {where}: {e.strerror or e}\n")
@@ -127,26 +146,98 @@ def standalone(config: Config) -> int:
         # Bound in the foreground (errors above reach the terminal); now detach.
         from . import daemonize
         absolute = config.replace(access_file=os.path.abspath(config.access_file))
-        return daemonize.run(config.pidfile, sock,
-                             lambda ready: _serve_standalone(absolute, sock, ready))
-    return _serve_standalone(config, sock)
+        return daemonize.run(config.pidfile, socks,
+                             lambda ready: _serve_standalone(absolute, socks, ready))
+    return _serve_standalone(config, socks)
 
 
-def _serve_standalone(config: Config, sock: socket.socket,
+def _serve_standalone(config: Config, socks: List[socket.socket],
                       ready: Optional[Callable[[], None]] = None) -> int:
+    """Serve on ``socks``: the first in this process, each other one in a
+    process forked for it (after the privilege drop, before any thread)."""
     from .server import Server, show
     log = logsetup.getLogger("tftpd")
-    if not _drop_privileges(config):
-        sock.close()
+    if not _drop_privileges(config, len(socks)):
+        for s in socks:
+            s.close()
         return 1
     table = _policy(config)
-    server = Server(config, [sock], table)
+    parent = os.getpid()
+    children: List[int] = []
+    # Signals wait (blocked) until each process has its handlers: a SIGHUP
+    # passed on to a process still starting must not kill it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+    for sock in socks[1:]:
+        pid = os.fork()
+        if pid == 0:
+            _serve_child(config, sock, socks, table, parent)      # never returns
+        children.append(pid)
+        sock.close()
+    sock = socks[0]
+    server = Server(config, [sock], table, children=children)
     server.install_signals()
     _reload_on_hup(table)
-    log.info("listening on %s (root %s)", show(sock.getsockname()), config.root)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+    log.info("listening on %s (root %s%s)", show(sock.getsockname()), config.root,
+             f", {len(socks)} processes" if children else "")
     if ready is not None:
         ready()
-    return server.serve()
+    status = server.serve()
+    return _reap(children, log) or status
+
+
+def _serve_child(config: Config, sock: socket.socket, socks: List[socket.socket],
+                 table: AccessTable, parent: int) -> None:
+    """A further serving process: serve ``sock`` until a signal the parent
+    passes on (or the parent's death) ends it; then exit without returning."""
+    from .server import Server
+    status = 1
+    try:
+        for other in socks:
+            if other is not sock:
+                other.close()
+        _die_with(parent)
+        if config.daemon:
+            from . import daemonize
+            daemonize.forget_foreground()
+        server = Server(config, [sock], table)
+        server.install_signals()
+        _reload_on_hup(table)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+        status = server.serve()
+    except BaseException:
+        logsetup.getLogger("tftpd").exception("serving process %d failed", os.getpid())
+    finally:
+        os._exit(status)
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel send SIGTERM to this process when its parent dies (a
+    kill -9 of the main process must not leave the others serving)."""
+    import ctypes
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:        # it died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _reap(children: List[int], log: logsetup.Logger) -> int:
+    """Wait for the other serving processes (each got the stop signals and
+    has its own grace period); 1 if one of them failed."""
+    status = 0
+    for pid in children:
+        try:
+            _, raw = os.waitpid(pid, 0)
+        except ChildProcessError:
+            continue
+        code = os.waitstatus_to_exitcode(raw)
+        if code:
+            log.warning("serving process %d ended with status %d", pid, code)
+            status = 1
+    return status
 
 
 def _listen_fd() -> int:

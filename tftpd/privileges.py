@@ -29,6 +29,7 @@ __all__ = ["PrivilegeError", "Identity", "lookup", "drop", "verify", "preload", 
 # the drop.)
 PRELOAD = {
     "tempfile": "upload",        # files.AtomicFile: a WRQ (only with -n)
+    "ctypes": "processes",       # main._die_with: each further serving process (--processes)
 }
 
 

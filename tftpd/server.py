@@ -28,7 +28,7 @@ from .worker import drive, make_transmit
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
+    from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
     from .admission import Plan, Policy
     from .config import Config
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     Address = Tuple[Any, ...]      # (host, port) or (host, port, flowinfo, scope_id)
     Engine = Union[Sender, Receiver]
 
-__all__ = ["Server", "Job", "bind_standalone", "local_address"]
+__all__ = ["Server", "Job", "bind_standalone", "bind_siblings", "local_address"]
 
 log = logsetup.getLogger("tftpd")
 
@@ -244,8 +244,9 @@ class Pool:
 
 class Server:
     def __init__(self, config: Config, sockets: List[socket.socket], policy: Policy,
-                 *, idle_exit: bool = False) -> None:
+                 *, idle_exit: bool = False, children: Sequence[int] = ()) -> None:
         self.config = config
+        self.children = children        # PIDs of the other serving processes: signals go on
         self.sockets = sockets
         self.admission = Admission(config, policy, umask=_current_umask())
         self.idle_exit = idle_exit
@@ -290,15 +291,25 @@ class Server:
         signal.signal(signal.SIGUSR2, self._on_debug_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
 
+    def _forward(self, signum: int) -> None:
+        for pid in self.children:
+            try:
+                os.kill(pid, signum)
+            except OSError:
+                pass          # already gone
+
     def _on_signal(self, signum: int, frame: object) -> None:
+        self._forward(signum)
         self.stop(force=self.stopping > 0)
 
     # The handlers below only record the wish; the request loop acts on it
     # (woken by the signal wake-up fd), outside any logging call in progress.
     def _on_debug_signal(self, signum: int, frame: object) -> None:
+        self._forward(signum)
         self._want_debug = signum == signal.SIGUSR1
 
     def _on_hup(self, signum: int, frame: object) -> None:
+        self._forward(signum)
         self._want_reopen = True
 
     def _apply_control(self) -> None:
@@ -621,8 +632,16 @@ def _current_umask() -> int:
     return mask
 
 
-def bind_standalone(port: int, address: Optional[str]) -> socket.socket:
-    """Bind the request socket: ``[::]`` dual-stack where possible, else 0.0.0.0."""
+def _reuse_port(s: socket.socket) -> None:
+    if _SO_REUSEPORT is None:
+        raise OSError("SO_REUSEPORT is not available: use --processes 1")
+    s.setsockopt(socket.SOL_SOCKET, _SO_REUSEPORT, 1)
+
+
+def bind_standalone(port: int, address: Optional[str],
+                    reuse_port: bool = False) -> socket.socket:
+    """Bind the request socket: ``[::]`` dual-stack where possible, else
+    0.0.0.0.  ``reuse_port``: with SO_REUSEPORT, for ``bind_siblings``."""
     if address is None:
         try:
             s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -631,12 +650,16 @@ def bind_standalone(port: int, address: Optional[str]) -> socket.socket:
         if s is not None:
             try:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                if reuse_port:
+                    _reuse_port(s)
                 s.bind(("::", port))
                 return s
             except OSError:
                 s.close()
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
+            if reuse_port:
+                _reuse_port(s)
             s.bind(("0.0.0.0", port))
         except OSError:
             s.close()
@@ -650,8 +673,32 @@ def bind_standalone(port: int, address: Optional[str]) -> socket.socket:
     try:
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuse_port:
+            _reuse_port(s)
         s.bind(info[4])
     except OSError:
         s.close()
         raise
     return s
+
+
+def bind_siblings(first: socket.socket, count: int) -> List[socket.socket]:
+    """``count`` more request sockets on ``first``'s address and port (bound
+    with SO_REUSEPORT), one for each further serving process.  The kernel
+    hashes each client's address and port to one socket of the group, so a
+    client's retransmitted request reaches the process serving it."""
+    out: List[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket(first.family, socket.SOCK_DGRAM)
+            out.append(s)
+            if first.family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY,
+                             first.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+            _reuse_port(s)
+            s.bind(first.getsockname())
+    except OSError:
+        for s in out:
+            s.close()
+        raise
+    return out

@@ -1,0 +1,160 @@
+"""--processes: standalone serving processes sharing the port (SO_REUSEPORT).
+
+The main process forks one process per further socket after the privilege
+drop; the kernel hashes each client address and port to one socket, so a
+client stays with one process (its retransmitted request is recognised
+there).  Signals reach every process; a kill -9 of the main one takes the
+others down (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from conftest import ServerProcess
+from tftpclient import DATA, OACK, Peer, ack, rrq
+from test_privileges import Tree, assert_is_nobody, as_root, get, tree  # noqa: F401
+from test_server import udp_sockets_on
+
+BODY = bytes(range(256)) * 64          # 16 KiB: 33 blocks of 512
+
+
+def children(pid: int) -> List[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return sorted(out)
+
+
+def gone(pids: List[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(os.path.exists(f"/proc/{p}") for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "root"
+    r.mkdir()
+    (r / "f.bin").write_bytes(BODY)
+    return r
+
+
+def fetch_from_many_ports(server: ServerProcess, count: int) -> None:
+    for _ in range(count):
+        with Peer(server.addr) as peer:
+            res = peer.download("f.bin")
+        assert res.error is None and res.data == BODY
+
+
+def test_three_processes_share_the_port_and_all_serve(tftpd_server, root: Path) -> None:
+    server = tftpd_server("--processes", "3", "-v", root=root)
+    line = server.wait_for_log(r"listening on")
+    assert "3 processes" in line
+    kids = children(server.proc.pid)
+    assert len(kids) == 2
+    assert udp_sockets_on(server.port, socket.AF_INET) == ["unconnected"] * 3
+    fetch_from_many_ports(server, 60)
+    served_by = set()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        served_by = {int(p) for p in re.findall(
+            r"tftpd\[(\d+)\]: RRQ from \S+ f\.bin: sent", server.log())}
+        if len(served_by) == 3:
+            break
+        time.sleep(0.05)
+    # 60 client ports hashed over 3 sockets: every process took some
+    assert served_by == {server.proc.pid, *kids}
+    assert server.stop() == 0
+    assert gone(kids, 10)
+
+
+def test_signals_reach_every_process(tftpd_server, root: Path) -> None:
+    server = tftpd_server("--processes", "3", root=root)
+    kids = children(server.proc.pid)
+    server.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    pids: set = set()
+    while time.monotonic() < deadline and len(pids) < 3:
+        pids = {int(p) for p in re.findall(
+            r"tftpd\[(\d+)\]: SIGHUP: logs reopened", server.log())}
+        time.sleep(0.05)
+    assert pids == {server.proc.pid, *kids}
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(15) == 0
+    assert gone(kids, 5)
+
+
+def test_kill_9_of_the_main_process_ends_the_others(tftpd_server, root: Path) -> None:
+    server = tftpd_server("--processes", "2", root=root)
+    kids = children(server.proc.pid)
+    assert len(kids) == 1
+    server.proc.kill()
+    server.proc.wait(5)
+    assert gone(kids, 10), "a serving process outlived the main one"
+    for kid in kids:          # reap nothing: they were the main process's children
+        assert not os.path.exists(f"/proc/{kid}")
+
+
+def test_a_retransmitted_request_is_one_transfer_with_several_processes(
+        tftpd_server, root: Path) -> None:
+    server = tftpd_server("--processes", "4", root=root)
+    for _ in range(8):                   # several client ports: several processes
+        with Peer(server.addr) as peer:
+            request = rrq("f.bin", options={"timeout": "5"})
+            for _ in range(4):
+                peer.send(request)
+            _, tid = peer.expect(op=OACK)
+            assert peer.listen(0.3) == [], "a second transfer answered"
+            peer.send(ack(0), tid)
+            got = bytearray()
+            block = 0
+            for _ in range(40):
+                pkt, addr = peer.expect(op=DATA)
+                assert addr == tid
+                got += pkt.payload
+                block += 1
+                peer.send(ack(block), tid)
+                if len(pkt.payload) < 512:
+                    break
+            assert bytes(got) == BODY
+
+
+def test_one_process_means_one(tftpd_server, root: Path) -> None:
+    server = tftpd_server("--processes", "1", root=root)
+    assert children(server.proc.pid) == []
+    assert "processes" not in server.wait_for_log(r"listening on")
+    fetch_from_many_ports(server, 3)
+
+
+@as_root
+def test_every_process_runs_as_nobody(tftpd_server, tree: Tree, tmp_path: Path) -> None:  # noqa: F811
+    server = tftpd_server("--user", "nobody", "--processes", "3", "--access-file",
+                          str(tree.ctl), root=tree.root)
+    kids = children(server.proc.pid)
+    assert len(kids) == 2
+    for i in range(12):                  # atftp from several ports reaches every process
+        ok, said = get(server, "pub.txt", tmp_path / f"pub{i}")
+        assert ok, said
+    for pid in [server.proc.pid, *kids]:
+        assert_is_nobody(pid)
+    assert "failed" not in server.log()
+    assert children(server.proc.pid) == kids, "a serving process died"
