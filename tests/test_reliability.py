@@ -177,6 +177,7 @@ def test_total_loss_abandons_within_bound_and_frees_everything(tftpd_server,
     (root / "m.bin").chmod(0o644)
     n = 16
     server = tftpd_server("-n", "-v", "-i", "-t", str(T), "-x", str(X), "-c", str(n),
+                          "--processes", "1",
                           root=root)
     pid = server.proc.pid
     _hold_workers(server, n)

@@ -877,11 +877,39 @@ def _finish_download(peer: Peer, tid, first_block: int = 1) -> bytes:
     raise AssertionError("download did not end")
 
 
+def test_transfer_sockets_never_share_a_port() -> None:
+    """Each transfer socket gets a port of its own, also while others are
+    connected with a stray catcher beside them (SO_REUSEPORT set before a bind
+    to port 0 would let the kernel hand out a port another socket holds)."""
+    from tftpd.server import bind_transfer, stray_catcher
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    transfers: List[socket.socket] = []
+    catchers: List[socket.socket] = []
+    try:
+        for i in range(1500):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            bind_transfer(sock, ("127.0.0.1", 0))   # as Server._transfer does
+            transfers.append(sock)
+            if i % 2 == 0:
+                catcher = stray_catcher(sock, peer.getsockname())
+                assert catcher is not None
+                catchers.append(catcher)
+                assert catcher.getsockname() == sock.getsockname()
+                assert sock.getpeername() == peer.getsockname()
+        ports = [s.getsockname()[1] for s in transfers]
+        assert len(set(ports)) == len(ports), "two transfers got the same port"
+    finally:
+        for s in transfers + catchers:
+            s.close()
+        peer.close()
+
+
 def test_at_most_c_transfers_at_once(tftpd_server, tmp_path: Path, host: str) -> None:
     root = tmp_path / "root"
     root.mkdir()
     content = put(root, "f.bin", payload(2000)).read_bytes()
-    server = tftpd_server("-c", "2", root=root, host=host)
+    server = tftpd_server("-c", "2", "--processes", "1", root=root, host=host)   # -c: per process
     a, b, c = (_open_transfer(server, "f.bin") for _ in range(3))
     try:
         _, tid_a = a.expect(op=OACK)
@@ -900,7 +928,7 @@ def test_queue_overflow_is_dropped_without_reply(tftpd_server, tmp_path: Path, h
     root = tmp_path / "root"
     root.mkdir()
     content = put(root, "f.bin", payload(2000)).read_bytes()
-    server = tftpd_server("-c", "1", "--queue", "1", root=root, host=host)
+    server = tftpd_server("-c", "1", "--queue", "1", "--processes", "1", root=root, host=host)
     running = _open_transfer(server, "f.bin")
     _, tid = running.expect(op=OACK)
     queued = _open_transfer(server, "f.bin")

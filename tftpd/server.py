@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     Address = Tuple[Any, ...]      # (host, port) or (host, port, flowinfo, scope_id)
     Engine = Union[Sender, Receiver]
 
-__all__ = ["Server", "Job", "bind_standalone", "bind_siblings", "local_address"]
+__all__ = ["Server", "Job", "bind_standalone", "bind_siblings", "local_address",
+           "bind_transfer", "stray_catcher"]
 
 log = logsetup.getLogger("tftpd")
 
@@ -478,22 +479,14 @@ class Server:
                     pass
 
     def _catch_strays(self, sock: socket.socket, peer: Address) -> Optional[socket.socket]:
-        """Connect ``sock`` (bound with SO_REUSEPORT) to ``peer`` and open its
-        stray catcher; None (and ``sock`` left unconnected) if that fails."""
-        catcher = socket.socket(sock.family, socket.SOCK_DGRAM)
+        """``stray_catcher``, registered with the request loop."""
+        catcher = stray_catcher(sock, peer)
+        if catcher is None:
+            return None
         try:
-            catcher.setsockopt(socket.SOL_SOCKET, _SO_REUSEPORT, 1)   # type: ignore[arg-type]
-            catcher.bind(sock.getsockname())
-            catcher.setblocking(False)
             self._sel.register(catcher, selectors.EVENT_READ, _STRAYS)
         except (OSError, ValueError, RuntimeError):   # ValueError/RuntimeError: selector closed
-            catcher.close()
-            return None
-        try:
-            sock.connect(peer)
-        except OSError:
-            self._drop_catcher(catcher)
-            return None
+            catcher.close()        # strays now get ICMP port unreachable instead
         return catcher
 
     def _drop_catcher(self, catcher: socket.socket) -> None:
@@ -528,13 +521,7 @@ class Server:
         plan: Optional[Plan] = None
         trace = tracer(show) if self.debug else None
         try:
-            reuse = _SO_REUSEPORT is not None
-            if reuse:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, _SO_REUSEPORT, 1)   # type: ignore[arg-type]
-                except OSError:
-                    reuse = False
-            sock.bind(job.local)
+            bind_transfer(sock, job.local)
             if trace is not None:
                 _so_debug(sock)
             if self.stopping >= 2:
@@ -548,7 +535,7 @@ class Server:
                 log.warning("%s%s %s refused: %s", who, kind, paths.display(req.filename),
                             e.message)
                 return
-            if reuse and plan.size >= CONNECT_MIN_BLOCKS * plan.negotiated.blksize:
+            if plan.size >= CONNECT_MIN_BLOCKS * plan.negotiated.blksize:
                 catcher = self._catch_strays(sock, job.peer)
             engine = self._engine(plan, sock, job.peer, trace, connected=catcher is not None)
             with self.lock:
@@ -630,6 +617,41 @@ def _current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def bind_transfer(sock: socket.socket, local: Address) -> None:
+    """Bind a transfer socket to a port of its own (no SO_REUSEPORT yet: see
+    ``stray_catcher``)."""
+    sock.bind(local)
+
+
+def stray_catcher(sock: socket.socket, peer: Address) -> Optional[socket.socket]:
+    """Connect the bound transfer socket ``sock`` to ``peer`` and return a
+    second, unconnected socket on the same address and port, which gets what
+    anyone else sends there (the kernel prefers the connected socket for the
+    peer's datagrams); None, with ``sock`` left as it was, if that fails.
+
+    SO_REUSEPORT is set only now, after ``sock`` got its port: set before a
+    bind to port 0 it lets the kernel hand out a port that another transfer
+    socket with the flag already holds, and the two transfers would share it.
+    """
+    if _SO_REUSEPORT is None:
+        return None
+    catcher = socket.socket(sock.family, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_REUSEPORT, 1)
+        catcher.setsockopt(socket.SOL_SOCKET, _SO_REUSEPORT, 1)
+        catcher.bind(sock.getsockname())
+        catcher.setblocking(False)
+        sock.connect(peer)
+    except OSError:
+        catcher.close()
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_REUSEPORT, 0)
+        except OSError:
+            pass
+        return None
+    return catcher
 
 
 def _reuse_port(s: socket.socket) -> None:
