@@ -10,6 +10,7 @@ the local address the request was sent to.
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import selectors
 import signal
@@ -663,7 +664,27 @@ def _reuse_port(s: socket.socket) -> None:
 def bind_standalone(port: int, address: Optional[str],
                     reuse_port: bool = False) -> socket.socket:
     """Bind the request socket: ``[::]`` dual-stack where possible, else
-    0.0.0.0.  ``reuse_port``: with SO_REUSEPORT, for ``bind_siblings``."""
+    0.0.0.0.  ``reuse_port``: with SO_REUSEPORT, for ``bind_siblings``.
+
+    Port 0 with ``reuse_port``: the free port is found by a bind without
+    SO_REUSEPORT first (with the flag, the kernel may hand out a port that
+    another SO_REUSEPORT socket of the same user holds, e.g. a transfer's)."""
+    if port == 0 and reuse_port:
+        for _ in range(20):
+            probe = _bind_request_socket(0, address, False)
+            port = probe.getsockname()[1]
+            probe.close()
+            try:
+                return _bind_request_socket(port, address, True)
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+        raise OSError(errno.EADDRINUSE, "no free port found")
+    return _bind_request_socket(port, address, reuse_port)
+
+
+def _bind_request_socket(port: int, address: Optional[str],
+                         reuse_port: bool) -> socket.socket:
     if address is None:
         try:
             s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
