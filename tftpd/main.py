@@ -155,7 +155,7 @@ def _serve_standalone(config: Config, socks: List[socket.socket],
                       ready: Optional[Callable[[], None]] = None) -> int:
     """Serve on ``socks``: the first in this process, each other one in a
     process forked for it (after the privilege drop, before any thread)."""
-    from .server import Server, show
+    from .server import Server, enable_pktinfo, show
     log = logsetup.getLogger("tftpd")
     if not _drop_privileges(config, len(socks)):
         for s in socks:
@@ -164,6 +164,10 @@ def _serve_standalone(config: Config, socks: List[socket.socket],
     table = _policy(config)
     parent = os.getpid()
     children: List[int] = []
+    for sock in socks:
+        # now, not in each process's Server: a request that reaches a process
+        # still starting must already carry its destination address
+        enable_pktinfo(sock)
     # Signals wait (blocked) until each process has its handlers: a SIGHUP
     # passed on to a process still starting must not kill it.
     signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
