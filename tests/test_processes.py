@@ -20,9 +20,9 @@ from typing import List
 import pytest
 
 from conftest import ServerProcess
-from tftpclient import DATA, OACK, Peer, ack, rrq
+from tftpclient import OACK, Peer, rrq
 from test_privileges import Tree, assert_is_nobody, as_root, get, tree  # noqa: F401
-from test_server import udp_sockets_on
+from test_server import _finish_download, udp_sockets_on
 
 BODY = bytes(range(256)) * 64          # 16 KiB: 33 blocks of 512
 
@@ -50,6 +50,17 @@ def gone(pids: List[int], timeout: float) -> bool:
     return False
 
 
+def logged_pids(server: ServerProcess, pattern: str, want: int, timeout: float = 10) -> set:
+    """The PIDs of the processes that logged a line matching ``pattern``,
+    once ``want`` of them have (or the timeout is over)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = {int(p) for p in re.findall(r"tftpd\[(\d+)\]: " + pattern, server.log())}
+        if len(pids) >= want or time.monotonic() >= deadline:
+            return pids
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     r = tmp_path / "root"
@@ -73,16 +84,8 @@ def test_three_processes_share_the_port_and_all_serve(tftpd_server, root: Path) 
     assert len(kids) == 2
     assert udp_sockets_on(server.port, socket.AF_INET) == ["unconnected"] * 3
     fetch_from_many_ports(server, 60)
-    served_by = set()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        served_by = {int(p) for p in re.findall(
-            r"tftpd\[(\d+)\]: RRQ from \S+ f\.bin: sent", server.log())}
-        if len(served_by) == 3:
-            break
-        time.sleep(0.05)
     # 60 client ports hashed over 3 sockets: every process took some
-    assert served_by == {server.proc.pid, *kids}
+    assert logged_pids(server, r"RRQ from \S+ f\.bin: sent", 3) == {server.proc.pid, *kids}
     assert server.stop() == 0
     assert gone(kids, 10)
 
@@ -91,13 +94,7 @@ def test_signals_reach_every_process(tftpd_server, root: Path) -> None:
     server = tftpd_server("--processes", "3", root=root)
     kids = children(server.proc.pid)
     server.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    pids: set = set()
-    while time.monotonic() < deadline and len(pids) < 3:
-        pids = {int(p) for p in re.findall(
-            r"tftpd\[(\d+)\]: SIGHUP: logs reopened", server.log())}
-        time.sleep(0.05)
-    assert pids == {server.proc.pid, *kids}
+    assert logged_pids(server, r"SIGHUP: logs reopened", 3) == {server.proc.pid, *kids}
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(15) == 0
     assert gone(kids, 5)
@@ -124,18 +121,7 @@ def test_a_retransmitted_request_is_one_transfer_with_several_processes(
                 peer.send(request)
             _, tid = peer.expect(op=OACK)
             assert peer.listen(0.3) == [], "a second transfer answered"
-            peer.send(ack(0), tid)
-            got = bytearray()
-            block = 0
-            for _ in range(40):
-                pkt, addr = peer.expect(op=DATA)
-                assert addr == tid
-                got += pkt.payload
-                block += 1
-                peer.send(ack(block), tid)
-                if len(pkt.payload) < 512:
-                    break
-            assert bytes(got) == BODY
+            assert _finish_download(peer, tid) == BODY
 
 
 def test_one_process_means_one(tftpd_server, root: Path) -> None:

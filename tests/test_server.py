@@ -628,15 +628,7 @@ def test_duplicate_request_while_queued(tftpd_server, tmp_path: Path, host: str)
             peer.send(rrq("f.bin", options={"timeout": "10"}))
             time.sleep(0.05)
         res_pkt, tid = peer.expect(op=OACK, timeout=5.0)
-        peer.send(ack(0), tid)
-        got = bytearray()
-        for block in range(1, 10):
-            pkt, addr = peer.expect(op=DATA)
-            assert addr == tid and pkt.block == block
-            got += pkt.payload
-            peer.send(ack(block), tid)
-            if len(pkt.payload) < 512:
-                break
+        got = _finish_download(peer, tid)
         assert peer.listen(0.5) == []
         assert bytes(got) == content
         assert peer.sources() == {tid}

@@ -636,21 +636,17 @@ def stray_catcher(sock: socket.socket, peer: Address) -> Optional[socket.socket]
     bind to port 0 it lets the kernel hand out a port that another transfer
     socket with the flag already holds, and the two transfers would share it.
     """
-    if _SO_REUSEPORT is None:
-        return None
     catcher = socket.socket(sock.family, socket.SOCK_DGRAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_REUSEPORT, 1)
-        catcher.setsockopt(socket.SOL_SOCKET, _SO_REUSEPORT, 1)
+        _reuse_port(sock)
+        _reuse_port(catcher)
         catcher.bind(sock.getsockname())
         catcher.setblocking(False)
         sock.connect(peer)
     except OSError:
         catcher.close()
-        try:
+        if _SO_REUSEPORT is not None:          # back as it was
             sock.setsockopt(socket.SOL_SOCKET, _SO_REUSEPORT, 0)
-        except OSError:
-            pass
         return None
     return catcher
 

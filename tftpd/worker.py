@@ -118,18 +118,11 @@ def drive(engine: Engine, sock: socket.socket,
             _set_timeout(sock, ms)
             current_ms = ms
         try:
-            if pump is not None:
-                n = pump(recv_connected, send, buf, clock)
+            if connected:
+                n = pump(recv_connected, send, buf, clock) if pump else recv_connected(buf)
                 if n < 0:
-                    continue
-                addr = peer
-                if not n and stopped():
-                    addr = None
-            elif connected:
-                n = recv_connected(buf)
-                addr = peer
-                if not n and stopped():
-                    addr = None
+                    continue              # pump: re-arm the timer
+                addr = None if not n and stopped() else peer
             else:
                 n, addr = recv(buf)
         except (BlockingIOError, InterruptedError):
