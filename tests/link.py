@@ -82,7 +82,8 @@ class Recorder:
         self.sent: List[Tuple[bytes, Address]] = []
 
     def __call__(self, packet: Any, addr: Address) -> None:
-        self.sent.append((bytes(packet), addr))
+        data = b"".join(packet) if isinstance(packet, tuple) else bytes(packet)   # sendmsg's pairs
+        self.sent.append((data, addr))
 
     def take(self) -> List[bytes]:
         """The datagrams sent since the last take (all of them to the peer)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -337,3 +338,116 @@ def test_file_source_packets_carry_the_header_and_share_the_buffer(blksize: int)
             assert isinstance(pkt, memoryview) and pkt.obj is src.buf
             assert bytes(pkt[:4]) == b"\x00\x03" + number.to_bytes(2, "big")
             assert bytes(pkt[4:]) == body[(index - 1) * blksize:index * blksize]
+
+
+# --------------------------------------------------------------------------- MappedSource
+
+def mapped_bytes(pkt: Any) -> bytes:
+    header, payload = pkt
+    return bytes(header) + bytes(payload)
+
+
+@st.composite
+def mapped_case(draw: st.DrawFn) -> tuple:
+    blksize = draw(st.sampled_from([files.MAP_MIN_BLKSIZE, 40_000, 65464]))
+    size = draw(st.one_of(st.integers(1, 12 * blksize + 3),
+                          st.sampled_from([1, blksize - 1, blksize, blksize + 1,
+                                           5 * blksize, 5 * blksize + 1])))
+    window = draw(st.sampled_from([1, 2, 4, 16]))
+    walk = sender_walk(draw, window, draw(st.integers(1, 40)))
+    map_window = draw(st.sampled_from([1, 3 * 4096, 100_000, files.MAP_WINDOW]))
+    return blksize, size, walk, map_window
+
+
+@settings(max_examples=150, deadline=None)
+@given(mapped_case())
+def test_mapped_source_packets_are_header_and_the_files_slice(case: tuple) -> None:
+    blksize, size, walk, map_window = case
+    body = pattern(size, seed=3)
+    with TempFd(body) as fd, mock.patch.object(files, "MAP_WINDOW", map_window):
+        src = files.file_source(fd, blksize, size)
+        assert isinstance(src, files.MappedSource) and src.gathered
+        for i in walk + list(range(1, size // blksize + 2)):
+            number = i & 0xFFFF
+            pkt = src.packet(i, number)
+            assert isinstance(pkt, tuple) and len(pkt) == 2
+            assert mapped_bytes(pkt) == (b"\x00\x03" + number.to_bytes(2, "big")
+                                         + body[(i - 1) * blksize:i * blksize]), (i, blksize, size)
+
+
+@pytest.mark.parametrize("size", [1, 32768, 65464, 65465, 3 * 65464, 2 * 1024 * 1024 + 5])
+def test_mapped_source_whole_file_ends_with_a_short_block(size: int) -> None:
+    blksize = 65464
+    body = pattern(size)
+    with TempFd(body) as fd:
+        src = files.file_source(fd, blksize, size)
+        out, i = [], 1
+        while True:
+            _, payload = src.packet(i, 1)
+            out.append(bytes(payload))
+            if len(payload) < blksize:
+                break
+            i += 1
+        assert b"".join(out) == body and i == size // blksize + 1
+
+
+@pytest.mark.parametrize("blksize,size", [(512, 10_000), (8192, 10_000), (16384, 10_000),
+                                          (65464, 0), (32768, 0)])
+def test_small_blocks_and_empty_files_are_read_not_mapped(blksize: int, size: int) -> None:
+    with TempFd(pattern(size)) as fd:
+        src = files.file_source(fd, blksize, size)
+        assert isinstance(src, FileSource)
+        assert bytes(src.packet(1, 1)[4:]) == pattern(size)[:blksize]
+
+
+def test_a_file_that_cannot_be_mapped_is_read() -> None:
+    body = pattern(100_000)
+    with TempFd(body) as fd, mock.patch.object(files.mmap, "mmap",
+                                               side_effect=OSError(19, "No such device")):
+        src = files.file_source(fd, 65464, len(body))
+        assert isinstance(src, FileSource)
+        assert bytes(src.packet(2, 2)[4:]) == body[65464:]
+
+
+def test_mapped_source_of_a_file_that_grew_serves_it_to_its_new_end() -> None:
+    blksize = 32768
+    body = pattern(5 * blksize + 100)
+    with TempFd(body[:blksize + 10]) as fd:
+        src = files.file_source(fd, blksize, blksize + 10)
+        assert bytes(src.packet(1, 1)[1]) == body[:blksize]
+        os.pwrite(fd, body[blksize + 10:], blksize + 10)
+        got = b"".join(bytes(src.packet(i, i)[1]) for i in range(1, 7))
+        assert got == body
+
+
+def test_mapped_source_of_a_file_that_shrank_fails_as_a_read_error() -> None:
+    """Past the mapped window the new mapping fails; inside it the send does
+    (EFAULT), never a SIGBUS: the server only hands the pages to the kernel."""
+    from tftpd.transfer import SHRANK
+    from tftpd.worker import make_transmit
+    blksize = 65464
+    body = pattern(40 * blksize)
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        rx.settimeout(5)
+        peer = rx.getsockname()
+        tx.connect(peer)
+        with TempFd(body) as fd:
+            src = files.file_source(fd, blksize, len(body))
+            for transmit in (make_transmit(tx), make_transmit(tx, peer=peer)):
+                transmit(src.packet(2, 2), peer)
+                assert rx.recv(70000) == b"\x00\x03\x00\x02" + body[blksize:2 * blksize]
+            os.ftruncate(fd, 4096)
+            for transmit in (make_transmit(tx), make_transmit(tx, peer=peer)):
+                with pytest.raises(OSError) as raised:
+                    transmit(src.packet(3, 3), peer)             # mapped, now past the end
+                assert raised.value.strerror == SHRANK
+            with pytest.raises(OSError) as raised:
+                src.packet(39, 39)                               # a new mapping
+            assert raised.value.strerror == SHRANK
+    finally:
+        rx.close()
+        tx.close()

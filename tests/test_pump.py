@@ -13,6 +13,7 @@ state lives in local variables: it is written back when ``pump`` returns).
 from __future__ import annotations
 
 import errno
+import struct
 from typing import Any, Callable, List, Tuple
 
 import pytest
@@ -25,11 +26,23 @@ from tftpd.transfer import Outcome, Rto, Sender
 Event = Tuple[str, float, bytes]      # ("dgram", time, bytes) or ("timeout", 0.0, b"")
 
 
+class GatheredSource(BytesSource):
+    """Packets as (header, payload) pairs, as tftpd.files.MappedSource gives them."""
+
+    gathered = True
+
+    def packet(self, index: int, number: int) -> Tuple[bytes, memoryview]:   # type: ignore[override]
+        self.calls += 1
+        off = (index - 1) * self.blksize
+        return struct.pack("!HH", 3, number), self.view[off:off + self.blksize]
+
+
 def make(body: bytes, blksize: int, windowsize: int, rollover: int, fixed: bool,
-         oack: bool) -> Tuple[Sender, Recorder]:
+         oack: bool, gathered: bool = False) -> Tuple[Sender, Recorder]:
     rec = Recorder()
     rto = Rto(0.5, fixed=True) if fixed else Rto(1.0)
-    return Sender(BytesSource(body, blksize), CLIENT, rec, blksize=blksize,
+    source = (GatheredSource if gathered else BytesSource)(body, blksize)
+    return Sender(source, CLIENT, rec, blksize=blksize,
                   windowsize=windowsize, rollover=rollover, rto=rto,
                   oack=make_oack(blksize=blksize) if oack else None), rec
 
@@ -151,12 +164,16 @@ def scenario(draw: Any) -> Tuple[Tuple[Any, ...], List[Event]]:
     return setup, events
 
 
+@pytest.mark.parametrize("gathered", [False, True], ids=["buffers", "pairs"])
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenario())
-def test_pump_behaves_exactly_as_the_general_path(case: Tuple[Tuple[Any, ...], List[Event]]) -> None:
+@given(case=scenario())
+def test_pump_behaves_exactly_as_the_general_path(case: Tuple[Tuple[Any, ...], List[Event]],
+                                                  gathered: bool) -> None:
+    """... also when the pumped sender's source gives (header, payload) pairs
+    (a mapped file): the same datagrams, byte for byte."""
     setup, events = case
     a, rec_a = make(*setup)
-    b, rec_b = make(*setup)
+    b, rec_b = make(*setup, gathered=gathered)
     general(a, rec_a, events)
     pumped(b, rec_b, events)
     assert rec_b.sent == rec_a.sent

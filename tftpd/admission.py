@@ -11,7 +11,9 @@ import os
 import stat
 
 from . import netascii, paths
-from .files import AtomicFile, FileSource, NetasciiSink, NetasciiSource, free_bytes
+from .files import (
+    AtomicFile, FileSource, MappedSource, NetasciiSink, NetasciiSource, file_source, free_bytes,
+)
 from .options import negotiate
 from .packets import ErrorCode, Opcode, TftpError, oack_packet
 
@@ -62,7 +64,7 @@ class Plan:
 
     def __init__(self, opcode: Opcode, path: str, netascii: bool, negotiated: Negotiated,
                  oack: Optional[bytes],
-                 source: Union[FileSource, NetasciiSource, None] = None,
+                 source: Union[FileSource, MappedSource, NetasciiSource, None] = None,
                  sink: Union[AtomicFile, NetasciiSink, None] = None, fd: int = -1,
                  size: int = -1) -> None:
         self.opcode = opcode
@@ -151,9 +153,9 @@ class Admission:
             n = negotiate(Opcode.RRQ, request.options, self.limits,
                           rrq_size=(lambda: netascii.encoded_size(fd)) if text
                           else (lambda: st.st_size))
-            source: Union[FileSource, NetasciiSource] = (
+            source: Union[FileSource, MappedSource, NetasciiSource] = (
                 NetasciiSource(fd, n.blksize, n.windowsize) if text
-                else FileSource(fd, n.blksize, st.st_size))
+                else file_source(fd, n.blksize, st.st_size))
             return Plan(Opcode.RRQ, path, text, n, oack_packet(n.oack()) if n.acked else None,
                         source=source, fd=fd, size=st.st_size)
         except BaseException:

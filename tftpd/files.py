@@ -1,10 +1,15 @@
 """Block sources for RRQ and atomic sinks for WRQ.
 
 A source hands out whole DATA packets (header and block) as memoryviews into
-one reusable buffer filled with ``os.preadv`` (no mmap: a file truncated under
-us must not SIGBUS the server).  The view returned by ``packet()`` is valid
-until the next call: the engine transmits each packet before it asks for the
-next one.
+one reusable buffer filled with ``os.preadv``.  At block sizes where one read
+would hold a single block, copying the data twice (file to buffer, buffer to
+socket) is most of the cost, so those files are mapped instead and a packet is
+a (header, payload) pair for one ``sendmsg``: the kernel copies straight from
+the page cache.  The server itself never touches mapped memory, so a file
+truncated under it makes that ``sendmsg`` fail with EFAULT (a read error, the
+transfer ends) rather than SIGBUS the process.  What ``packet()`` returns is
+valid until the next call: the engine transmits each packet before it asks
+for the next one.
 
 A sink writes to a temporary file in the target's directory and renames it
 over the target only after the last block has been flushed and fsynced.
@@ -12,19 +17,26 @@ over the target only after the last block has been flushed and fsynced.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import struct
 
 from . import netascii
+from .transfer import SHRANK
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Optional
+    from typing import Optional, Tuple, Union
 
-__all__ = ["FileSource", "NetasciiSource", "AtomicFile", "NetasciiSink",
+    Buffer = Union[bytes, memoryview]
+
+__all__ = ["file_source", "FileSource", "MappedSource", "NetasciiSource", "AtomicFile", "NetasciiSink",
            "TEMP_PREFIX", "TEMP_SUFFIX", "READ_CHUNK"]
 
 READ_CHUNK = 64 * 1024
+MAP_MIN_BLKSIZE = 32 * 1024   # from here on a file is mapped (measured: 10 vs 13 µs per block)
+MAP_WINDOW = 2 * 1024 * 1024  # mapped at once: bounds the file pages each transfer maps
 MAX_SLOTS = 256            # iovecs per preadv (IOV_MAX is 1024)
 _HDR = struct.Struct("!HH")
 TEMP_PREFIX = ".tftpd-"
@@ -88,6 +100,69 @@ class FileSource:
         if i == self.count - 1 and self.eof:
             return self.packets[i][:4 + self.tail]
         return self.packets[i]
+
+
+class MappedSource:
+    """DATA packets of a file in octet mode at a big block size, as
+    ``(header, payload)`` pairs: the payload is a view of the file mapped
+    read-only, ``MAP_WINDOW`` bytes at a time.
+
+    The size is the file's at the start; a file that grew by the time the
+    end is reached is served to its new end (as ``FileSource`` does).  One
+    that shrank fails the transfer: a new mapping past the end raises
+    OSError here, a send from a page no longer in the file fails with EFAULT.
+    """
+
+    __slots__ = ("fd", "blksize", "size", "header", "view", "lo", "hi")
+    gathered = True             # packets are pairs: the driver sends them with sendmsg
+
+    def __init__(self, fd: int, blksize: int, size: int) -> None:
+        self.fd = fd
+        self.blksize = blksize
+        self.size = size
+        self.header = bytearray(4)
+        self.view: Optional[memoryview] = None
+        self.lo = self.hi = 0   # file offsets covered by view
+
+    def _map(self, start: int, stop: int) -> None:
+        lo = start - start % mmap.ALLOCATIONGRANULARITY
+        hi = min(self.size, max(lo + MAP_WINDOW, stop))
+        self.view = None        # the old mapping goes when its last packet does
+        try:
+            mapped = mmap.mmap(self.fd, hi - lo, prot=mmap.PROT_READ, offset=lo)
+        except ValueError:      # mmap checks the length against the file's size
+            raise OSError(errno.EIO, SHRANK) from None
+        self.view = memoryview(mapped)
+        self.lo, self.hi = lo, hi
+
+    def packet(self, index: int, number: int) -> Tuple[bytearray, Buffer]:
+        start = (index - 1) * self.blksize
+        stop = start + self.blksize
+        if stop > self.size:            # the end as known: has the file grown?
+            self.size = os.fstat(self.fd).st_size
+            if stop > self.size:
+                stop = self.size
+        _HDR.pack_into(self.header, 0, 3, number)
+        if stop <= start:
+            return self.header, b""
+        if start < self.lo or stop > self.hi:
+            self._map(start, stop)
+        assert self.view is not None
+        return self.header, self.view[start - self.lo:stop - self.lo]
+
+
+def file_source(fd: int, blksize: int, size: int) -> Union[FileSource, MappedSource]:
+    """The source for a file in octet mode: mapped at big block sizes when the
+    file can be mapped (not every file system can), read otherwise."""
+    if blksize >= MAP_MIN_BLKSIZE and size > 0:
+        source = MappedSource(fd, blksize, size)
+        try:
+            source._map(0, min(size, blksize))
+        except OSError:
+            pass
+        else:
+            return source
+    return FileSource(fd, blksize, size)
 
 
 class NetasciiSource:

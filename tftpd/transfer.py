@@ -7,9 +7,10 @@ A transfer is driven by three calls, as aioquic drives a connection:
 * ``on_timer(now)`` is called once ``now >= deadline``.
 
 Packets leave through the ``transmit(packet, addr)`` callback given to the
-constructor, one buffer per datagram (a DATA packet is a memoryview of the
-source's buffer, header included, so the driver hands it to ``sendto``
-without copying; the callback must be done with it when it returns).  Time is
+constructor, one per datagram: a buffer (a DATA packet is a memoryview of
+the source's buffer, header included, so the driver hands it to ``sendto``
+without copying) or, from a mapped source, a (header, payload) pair for one
+``sendmsg``; the callback must be done with it when it returns.  Time is
 whatever the caller says it is: tests move it by hand.
 
 Both sides follow RFC 1350 with RFC 1123 4.2.3 (adaptive timeout with backoff,
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
 
     Address = Tuple[Any, ...]  # (host, port) or (host, port, flowinfo, scope_id)
     Buffer = Union[bytes, bytearray, memoryview]
-    Transmit = Callable[[Buffer, Address], None]
+    Packet = Union[Buffer, Tuple[Buffer, Buffer]]    # one buffer, or header + payload
+    Transmit = Callable[[Packet, Address], None]
 else:
     Protocol = object          # Source and Sink: plain classes at run time
 
@@ -53,6 +55,16 @@ _INF = math.inf
 
 MIN_RTO = 0.2
 MAX_RTO = 64.0
+
+
+SHRANK = "file shrank while being sent"
+
+
+def wire_length(packet: Packet) -> int:
+    """Bytes on the wire of a packet as sources give them (buffer or pair)."""
+    if type(packet) is tuple:
+        return len(packet[0]) + len(packet[1])
+    return len(packet)
 
 
 def stray_reply(data: Buffer) -> Optional[bytes]:
@@ -114,12 +126,13 @@ class Source(Protocol):
     """File data for a sender as DATA packets (index 1 is the first block).
 
     ``packet(index, number)`` is the DATA packet of block ``index`` with wire
-    block number ``number``; a payload shorter than blksize ends the file.
+    block number ``number`` (one buffer, or a (header, payload) tuple to be
+    sent with one ``sendmsg``); a payload shorter than blksize ends the file.
     A source may also have ``ahead(index)`` and ``end`` (see FileSource):
     ``Sender.pump`` then has block ``index`` read while it waits for an ACK.
     """
 
-    def packet(self, index: int, number: int) -> Buffer: ...
+    def packet(self, index: int, number: int) -> Packet: ...
 
 
 class Sink(Protocol):
@@ -272,9 +285,10 @@ class Sender(_Transfer):
                 pkt = packet(index, index if index <= 65535 else self.wire.number(index))
                 transmit(pkt, peer)
                 index += 1
-                if len(pkt) < full:
+                n = wire_length(pkt)
+                if n < full:
                     self.last = index - 1
-                    self.last_len = len(pkt) - 4
+                    self.last_len = n - 4
                     break
         except OSError as e:
             self._finish(Outcome.ERROR, f"read failed: {e.strerror or e}",
@@ -298,7 +312,8 @@ class Sender(_Transfer):
         Reads datagrams with ``recv(buf)`` (which blocks for at most the
         current timeout and raises when it expires) and answers each ACK of a
         whole window with the next window through ``send(packet)`` (the
-        socket's own, connected to the peer), all without returning and with
+        socket's own, connected to the peer; ``sendmsg`` for a source whose
+        ``gathered`` is true), all without returning and with
         the transfer's state in local variables: this is ``_ack`` and
         ``_send_window`` for the case that is nearly every block, written out
         so that a block costs no Python call but ``source.packet``.
@@ -323,6 +338,7 @@ class Sender(_Transfer):
         source: Any = self.source
         packet = source.packet
         ahead = getattr(source, "ahead", None)     # FileSource: read-ahead
+        size = wire_length if getattr(source, "gathered", False) else len
         full = self.blksize + 4
         last = last_len = 0
         moved = False
@@ -353,11 +369,14 @@ class Sender(_Transfer):
                                      else (index - wrap) % modulus + wrap)
                         try:
                             send(pkt)
-                        except OSError:
-                            pass      # a lost datagram: the timer resends
+                        except OSError as e:
+                            if e.errno == errno.EFAULT:   # a mapped page left the file
+                                raise OSError(errno.EIO, SHRANK) from None
+                            # anything else: a lost datagram, the timer resends
                         index += 1
-                        if len(pkt) < full:
-                            last, last_len = index - 1, len(pkt) - 4
+                        n = size(pkt)
+                        if n < full:
+                            last, last_len = index - 1, n - 4
                             break
                     else:
                         if ahead is not None and index >= source.end:

@@ -16,19 +16,20 @@ which answers strays itself.
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import time
 
 from .packets import ErrorCode
-from .transfer import Receiver, Sender
+from .transfer import SHRANK, Receiver, Sender
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable, Optional, Union
+    from typing import Any, Callable, Optional, Union
 
     from .trace import Trace
-    from .transfer import Address
+    from .transfer import Address, Packet
 
     Engine = Union[Sender, Receiver]
     Buffer = Union[bytes, bytearray, memoryview]
@@ -39,25 +40,35 @@ _SENDER_RECV = 1024     # ACKs are 4 bytes; a longer ERROR is read truncated
 
 
 def make_transmit(sock: socket.socket, trace: Optional[Trace] = None,
-                  peer: Optional[Address] = None) -> Callable[[Buffer, Address], None]:
+                  peer: Optional[Address] = None) -> Callable[[Packet, Address], None]:
     """``transmit(packet, addr)`` for an engine; with ``peer``, ``sock`` is
-    connected to it and packets to ``peer`` (the same object) go by ``send``."""
+    connected to it and packets to ``peer`` (the same object) go by ``send``.
+    A (header, payload) packet goes by ``sendmsg``; EFAULT from it (the
+    mapped file shrank) is raised as a read error."""
     sendto = sock.sendto
     send = sock.send
+    sendmsg = sock.sendmsg
 
-    def transmit(packet: Buffer, addr: Address) -> None:
+    def transmit(packet: Packet, addr: Address) -> None:
         try:
-            if addr is peer:
+            if isinstance(packet, tuple):
+                if addr is peer:
+                    sendmsg(packet)
+                else:
+                    sendmsg(packet, (), 0, addr)
+            elif addr is peer:
                 send(packet)
             else:
                 sendto(packet, addr)
-        except OSError:
-            pass   # ENOBUFS, EPERM from a firewall...: a lost datagram, the timer resends
+        except OSError as e:
+            if e.errno == errno.EFAULT:
+                raise OSError(errno.EIO, SHRANK) from None
+            # ENOBUFS, EPERM from a firewall...: a lost datagram, the timer resends
     if trace is None:
         return transmit
 
-    def traced(packet: Buffer, addr: Address) -> None:   # -s only
-        trace(">", addr, (packet,))
+    def traced(packet: Packet, addr: Address) -> None:   # -s only
+        trace(">", addr, packet if isinstance(packet, tuple) else (packet,))
         transmit(packet, addr)
     return traced
 
@@ -91,7 +102,6 @@ def drive(engine: Engine, sock: socket.socket,
     view = memoryview(buf)
     recv = sock.recvfrom_into
     recv_connected = sock.recv_into
-    send = sock.send
     peer = engine.peer
     receive = engine.receive
     if trace is not None:
@@ -100,7 +110,12 @@ def drive(engine: Engine, sock: socket.socket,
         def receive(data: Buffer, addr: Address, now: float) -> None:
             trace("<", addr, (data,))
             untraced(data, addr, now)
-    pump = engine.pump if connected and trace is None and isinstance(engine, Sender) else None
+    pump = None
+    send: Callable[[Any], object] = sock.send
+    if connected and trace is None and isinstance(engine, Sender):
+        pump = engine.pump
+        if getattr(engine.source, "gathered", False):
+            send = sock.sendmsg        # the source gives (header, payload) pairs
     addr: Optional[Address]
     inf = float("inf")
     current_ms = -1
