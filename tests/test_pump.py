@@ -89,7 +89,7 @@ def pumped(s: Sender, rec: Recorder, events: List[Event]) -> None:
     pending = list(enumerate(events))
     send: Callable[[Any], None] = lambda packet: rec(packet, CLIENT)   # noqa: E731
 
-    def recv(b: bytearray) -> int:
+    def recv() -> int:
         if not pending:
             raise LookupError("no more events")
         i, (kind, t, dgram) = pending.pop(0)
@@ -97,7 +97,7 @@ def pumped(s: Sender, rec: Recorder, events: List[Event]) -> None:
         if kind == "timeout":
             raise BlockingIOError(errno.EAGAIN, "timed out")
         clock.now = t
-        b[:len(dgram)] = dgram
+        buf[:len(dgram)] = dgram
         return len(dgram)
 
     s.start(0.0)
@@ -238,7 +238,7 @@ def test_pump_leaves_everything_but_a_window_ack_to_the_general_path() -> None:
     s.start(0.0)
     before = state(s)
     buf = bytearray(16)
-    n = s.pump(lambda b: (b.__setitem__(slice(0, 4), ack(0)), 4)[1], lambda p: None, buf,
+    n = s.pump(lambda: (buf.__setitem__(slice(0, 4), ack(0)), 4)[1], lambda p: None, buf,
                Clock())
     assert n == 4 and bytes(buf[:4]) == ack(0)
     assert state(s) == before

@@ -305,14 +305,14 @@ class Sender(_Transfer):
             return
         self._ack(data[2] << 8 | data[3], now)
 
-    def pump(self, recv: Callable[[bytearray], int], send: Callable[[Buffer], object],
+    def pump(self, recv: Callable[[], int], send: Callable[[Any], object],
              buf: bytearray, clock: Callable[[], float]) -> int:
         """The per-block path, for a driver whose socket hears only the peer.
 
-        Reads datagrams with ``recv(buf)`` (which blocks for at most the
-        current timeout and raises when it expires) and answers each ACK of a
-        whole window with the next window through ``send(packet)`` (the
-        socket's own, connected to the peer; ``sendmsg`` for a source whose
+        Reads datagrams into ``buf`` with ``recv()`` (which blocks for at most
+        the current timeout and raises when it expires) and answers each ACK of
+        a whole window with the next window through ``send(packet)`` (to the
+        peer: a write on the connected socket, gathered for a source whose
         ``gathered`` is true), all without returning and with
         the transfer's state in local variables: this is ``_ack`` and
         ``_send_window`` for the case that is nearly every block, written out
@@ -328,7 +328,7 @@ class Sender(_Transfer):
         rto = self.rto
         if (self.waiting_oack or self.retransmitted or not self.answered
                 or self.deadline == _INF or self.last):
-            return recv(buf)
+            return recv()
         base, nxt, window, modulus = self.base, self.next, self.window, self.modulus
         wrap = self.wire.base
         sent_at = self.sent_at
@@ -344,7 +344,7 @@ class Sender(_Transfer):
         moved = False
         try:
             while True:
-                n = recv(buf)
+                n = recv()
                 if n != 4 or buf[1] != 4 or buf[0]:
                     return n
                 if base + ((buf[2] << 8 | buf[3]) - base) % modulus != nxt - 1:

@@ -1,10 +1,14 @@
 """One transfer on one socket: the thin driver around a sans-IO engine.
 
-The per-block path is: ``recv_into`` a preallocated buffer, hand a
-memoryview to the engine, which calls ``transmit`` -> ``send`` with a
-memoryview of the source's buffer (DATA header and file data, no copy).  The
-receive timeout is the socket's SO_RCVTIMEO, set only when the needed wait
-changes (a Python socket timeout would add a ``poll()`` to every receive).
+The per-block path is: read into a preallocated buffer, hand a memoryview to
+the engine, which calls ``transmit`` -> ``send`` with a memoryview of the
+source's buffer (DATA header and file data, no copy).  The receive timeout is
+the socket's SO_RCVTIMEO, set only when the needed wait changes (a Python
+socket timeout would add a ``poll()`` to every receive).  On a connected
+socket the pump reads and writes with ``os.readv``/``os.write`` (``os.writev``
+for a mapped file's header and payload): the same system calls as
+``recv_into``/``send``, with about 650 fewer instructions per block of
+argument parsing.
 
 The socket is normally *connected* to the peer: the kernel then drops
 datagrams from anyone else before they reach it (the server answers those
@@ -17,16 +21,18 @@ which answers strays itself.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 import time
+from functools import partial
 
 from .packets import ErrorCode
 from .transfer import SHRANK, Receiver, Sender
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable, Optional, Union
+    from typing import Callable, Optional, Union
 
     from .trace import Trace
     from .transfer import Address, Packet
@@ -111,11 +117,12 @@ def drive(engine: Engine, sock: socket.socket,
             trace("<", addr, (data,))
             untraced(data, addr, now)
     pump = None
-    send: Callable[[Any], object] = sock.send
     if connected and trace is None and isinstance(engine, Sender):
         pump = engine.pump
-        if getattr(engine.source, "gathered", False):
-            send = sock.sendmsg        # the source gives (header, payload) pairs
+        fd = sock.fileno()
+        read = partial(os.readv, fd, [buf])
+        gathered = getattr(engine.source, "gathered", False)   # (header, payload) pairs
+        write = partial(os.writev if gathered else os.write, fd)
     addr: Optional[Address]
     inf = float("inf")
     current_ms = -1
@@ -134,7 +141,7 @@ def drive(engine: Engine, sock: socket.socket,
             current_ms = ms
         try:
             if connected:
-                n = pump(recv_connected, send, buf, clock) if pump else recv_connected(buf)
+                n = pump(read, write, buf, clock) if pump else recv_connected(buf)
                 if n < 0:
                     continue              # pump: re-arm the timer
                 addr = None if not n and stopped() else peer
