@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT
-from tftpd import access, paths
+from tftpd import access, admission, paths
 from tftpd import log as tftpd_log
 from tftpd.access import AccessTable, decide, parse, resolve
 from tftpd.admission import Admission
@@ -339,6 +339,22 @@ def test_unchanged_file_is_not_reread(tmp_path: Path, monkeypatch) -> None:
     assert len(reads) == 2
 
 
+def test_remembered_decisions_are_bounded_and_forgotten_on_reload(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    ctl = tmp_path / "tftpaccess.ctl"
+    ctl.write_text("allow:/a\ndeny:/a/no\n")
+    table = AccessTable(str(ctl), [])
+    monkeypatch.setattr(access, "MEMO_SIZE", 8)
+    for round in range(2):
+        for i in range(30):
+            assert table.allowed(f"/a/{i}") and not table.allowed(f"/a/no/{i}")
+            assert not table.allowed(f"/b/{i}")
+            assert len(table._state[2]) <= 8
+    ctl.write_text("allow:/b\n")
+    table.invalidate()
+    assert table.allowed("/b/1") and not table.allowed("/a/1")
+
+
 def test_unreadable_file_refuses_everything(tmp_path: Path, monkeypatch,
                                             logged: LogCapture) -> None:
     ctl = tmp_path / "tftpaccess.ctl"
@@ -424,9 +440,13 @@ def test_access_module_is_pure() -> None:
 
 # -- admission: the file rules on real files ------------------------------------
 
-@pytest.fixture
-def tree(tmp_path: Path):
-    """root/ allowed (private/ denied), outside/ not allowed."""
+@pytest.fixture(params=["o_path", "by_name"])
+def tree(request, tmp_path: Path, monkeypatch):
+    """root/ allowed (private/ denied), outside/ not allowed; every admission
+    test runs twice: with the kernel's resolution (O_PATH and /proc, where
+    there is one) and with realpath and open by name only."""
+    if request.param == "by_name":
+        monkeypatch.setattr(admission, "_RESOLVE_FLAGS", 0)
     root, outside = tmp_path / "root", tmp_path / "outside"
     for d in (root / "sub", root / "private", root / "dir", outside):
         d.mkdir(parents=True)
@@ -591,3 +611,62 @@ def test_refusal_messages_reveal_nothing(tree) -> None:
             message = e.value.message
             assert str(root) not in message and str(outside) not in message
             assert "/" not in message and "etc" not in message
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd") or not hasattr(os, "O_PATH"),
+                    reason="needs O_PATH and /proc")
+def test_rrq_by_o_path_takes_no_detour_and_leaks_nothing(tree, monkeypatch) -> None:
+    """Where the kernel resolves names, a servable file is opened without
+    realpath; every other name (refused, missing...) leaves no descriptor."""
+    root, _, ctl = tree
+    cfg = Config(root=str(root), access_file=str(ctl))
+    adm = Admission(cfg, AccessTable(str(ctl), [str(root)]))
+    if admission._RESOLVE_FLAGS:
+        monkeypatch.setattr(paths, "real", lambda path: pytest.fail("realpath called"))
+        plan = adm.admit(Request(Opcode.RRQ, b"in-link", b"octet"))
+        assert plan.path == str(root / "ok.txt")
+        plan.close()
+        monkeypatch.undo()
+    before = _open_fds()
+    for _ in range(3):
+        for name in (b"ok.txt", b"in-link", b"private/p.txt", b"out-link", b"secret.txt",
+                     b"dir", b"fifo", b"loop", b"missing", b"ok.txt/x", b"/dev/null"):
+            try:
+                adm.admit(Request(Opcode.RRQ, name, b"octet")).close()
+            except TftpError:
+                pass
+    assert _open_fds() == before
+
+
+def test_file_swapped_for_a_symlink_after_resolution_is_not_served(tree, monkeypatch) -> None:
+    """The file opened is the file checked: a name resolved to a real path
+    that is replaced (by a symlink out of the tree) before the open."""
+    root, outside, ctl = tree
+    target = root / "swap.txt"
+    target.write_text("inside\n")
+    os.chmod(target, 0o644)
+    cfg = Config(root=str(root), access_file=str(ctl))
+    table = AccessTable(str(ctl), [str(root)])
+    adm = Admission(cfg, table)
+    real_allowed = table.allowed
+
+    def swap_then_decide(path: str) -> bool:
+        verdict = real_allowed(path)
+        if target.is_file() and not target.is_symlink():
+            target.unlink()
+            target.symlink_to(outside / "o.txt")
+        return verdict
+    monkeypatch.setattr(table, "allowed", swap_then_decide)
+    try:
+        plan = adm.admit(Request(Opcode.RRQ, b"swap.txt", b"octet"))
+    except TftpError as e:
+        assert e.code in (ErrorCode.ACCESS_VIOLATION, ErrorCode.FILE_NOT_FOUND)
+        return
+    try:                          # O_PATH: the descriptor still holds the checked file
+        assert os.pread(plan.fd, 100, 0) == b"inside\n"
+    finally:
+        plan.close()

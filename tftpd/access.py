@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
     _Signature = Tuple[object, ...]
+    _State = Tuple[_Signature, "Rules", Dict[str, bool]]
 
 __all__ = ["Rule", "Rules", "Decision", "AccessTable", "parse", "decide",
            "normalise", "prefixes", "defaults", "refuse_all", "resolve", "MAX_FILE_SIZE"]
@@ -37,6 +38,7 @@ __all__ = ["Rule", "Rules", "Decision", "AccessTable", "parse", "decide",
 ALLOW = "allow"
 DENY = "deny"
 MAX_FILE_SIZE = 4 * 1024 * 1024      # a larger tftpaccess.ctl is a mistake: refuse all
+MEMO_SIZE = 4096                     # decisions remembered per load of the rules
 
 
 class Rule(Frozen):
@@ -224,6 +226,8 @@ class AccessTable:
     size, modification or change time differ from the last load, the file is
     read again.  ``invalidate()`` (SIGHUP) forces a reload at the next request.
     Loads swap one immutable ``Rules`` object, so concurrent workers need no lock.
+    ``allowed()`` remembers its answers for the rules of one load (a decision is
+    a pure function of the rules and the path): a load starts afresh.
     """
 
     def __init__(self, path: str, directories: Sequence[str],
@@ -231,12 +235,19 @@ class AccessTable:
         self.path = path
         self.directories = [d for d in directories if d]
         self.log = log or getLogger("tftpd")
-        self._state: Tuple[_Signature, Rules] = (_UNSET, refuse_all("not loaded yet"))
+        self._state: _State = (_UNSET, refuse_all("not loaded yet"), {})
         self._loaded = False
 
     # -- the policy interface used by admission ---------------------------
     def allowed(self, path: str) -> bool:
-        return self.decide(path).allowed
+        _, rules, memo = self._current()
+        verdict = memo.get(path)
+        if verdict is None:
+            verdict = decide(rules, path).allowed
+            if len(memo) >= MEMO_SIZE:
+                memo.clear()
+            memo[path] = verdict
+        return verdict
 
     def decide(self, path: str) -> Decision:
         return decide(self.rules(), path)
@@ -244,16 +255,19 @@ class AccessTable:
     # -- state -------------------------------------------------------------
     def rules(self) -> Rules:
         """The current rules, re-reading the file if it changed."""
+        return self._current()[1]
+
+    def _current(self) -> _State:
         signature = self._signature()
         state = self._state
         if signature != state[0]:
             state = self._load()
             self._state = state
-        return state[1]
+        return state
 
     def invalidate(self) -> None:
         """Re-read the file at the next request even if it looks unchanged."""
-        self._state = (_UNSET, self._state[1])
+        self._state = (_UNSET, self._state[1], {})
 
     def describe(self) -> str:
         """One line about what is being enforced (for the log and --check)."""
@@ -279,18 +293,18 @@ class AccessTable:
             return ("error", errno.EINVAL)
         return _file_signature(st)
 
-    def _load(self) -> Tuple[_Signature, Rules]:
+    def _load(self) -> _State:
         again = self._loaded
         self._loaded = True
         signature, rules = self._read()
         if rules.refused is not None:
             rules = refuse_all(f"access file {self.path}: {rules.refused}", rules.origin)
             self.log.error("%s", self._describe(rules))
-            return signature, rules
+            return signature, rules, {}
         for warning in rules.warnings:
             self.log.warning("%s", warning)
         self.log.info("%s%s", self._describe(rules), " (reloaded)" if again else "")
-        return signature, resolve(rules)
+        return signature, resolve(rules), {}
 
     def _read(self) -> Tuple[_Signature, Rules]:
         origin = self.path

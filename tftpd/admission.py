@@ -19,7 +19,7 @@ from .packets import ErrorCode, Opcode, TftpError, oack_packet
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Optional, Protocol, Sequence, Union
+    from typing import Optional, Protocol, Sequence, Tuple, Union
 
     from .config import Config
     from .options import Limits, Negotiated
@@ -35,6 +35,10 @@ __all__ = ["Plan", "RootsPolicy", "Admission"]
 _MODES = (b"octet", b"netascii")
 _READ_FLAGS = (os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
                | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+# O_PATH: resolve a name without opening the file (Linux); 0 where there is none.
+_RESOLVE_FLAGS = (os.O_PATH | getattr(os, "O_CLOEXEC", 0)) if hasattr(os, "O_PATH") else 0
+# Opening /proc/self/fd/N follows that link to the descriptor's file: no O_NOFOLLOW.
+_REOPEN_FLAGS = _READ_FLAGS & ~getattr(os, "O_NOFOLLOW", 0)
 
 
 
@@ -98,6 +102,26 @@ def _opened_is(fd: int, path: str, st: os.stat_result) -> bool:
         return (ref.st_dev, ref.st_ino) == (st.st_dev, st.st_ino)
 
 
+def _servable(st: os.stat_result) -> bool:
+    """A regular file that others may read (SPEC 3.5)."""
+    return stat.S_ISREG(st.st_mode) and bool(st.st_mode & stat.S_IROTH)
+
+
+def _opened(fd: int, pre: os.stat_result, path: Optional[str] = None) -> os.stat_result:
+    """The ``fstat`` of a descriptor just opened, if it is still servable and
+    the file checked before the open (device and inode, and with ``path``
+    the file at that path); else the descriptor is closed and refused."""
+    try:
+        st = os.fstat(fd)
+        if (not _servable(st) or (st.st_dev, st.st_ino) != (pre.st_dev, pre.st_ino)
+                or (path is not None and not _opened_is(fd, path, st))):
+            raise _denied()
+    except BaseException:
+        os.close(fd)
+        raise
+    return st
+
+
 def _created_in(fd: int, directory: str) -> bool:
     """The new file's descriptor lies in ``directory`` (the checked real path)."""
     try:
@@ -131,24 +155,8 @@ class Admission:
             raise _denied()
 
     def _read(self, request: Request, text: bool) -> Plan:
-        path = self._real(request.filename, self.config.root)
-        if not self.policy.allowed(path):
-            raise _denied()
+        path, fd, st = self._open_read(request.filename)
         try:
-            # Refuse devices, FIFOs and directories before opening them: an
-            # open alone can have side effects (a tape rewinds, a FIFO blocks).
-            pre = os.lstat(path)
-            if not stat.S_ISREG(pre.st_mode) or not pre.st_mode & stat.S_IROTH:
-                raise _denied()
-            fd = os.open(path, _READ_FLAGS)
-        except OSError as e:
-            raise _not_found() if e.errno in (errno.ENOENT, errno.ENOTDIR) else _denied()
-        try:
-            st = os.fstat(fd)
-            if (not stat.S_ISREG(st.st_mode) or not st.st_mode & stat.S_IROTH
-                    or (st.st_dev, st.st_ino) != (pre.st_dev, pre.st_ino)
-                    or not _opened_is(fd, path, st)):
-                raise _denied()
             os.set_blocking(fd, True)
             n = negotiate(Opcode.RRQ, request.options, self.limits,
                           rrq_size=(lambda: netascii.encoded_size(fd)) if text
@@ -161,6 +169,69 @@ class Admission:
         except BaseException:
             os.close(fd)
             raise
+
+    def _open_read(self, name: bytes) -> Tuple[str, int, os.stat_result]:
+        """The real path of a requested file, the file opened for reading at
+        that path, and its ``fstat``; or a TftpError.
+
+        Where the kernel can say it (Linux: ``O_PATH`` and ``/proc``), it
+        resolves the name once, into a descriptor that opens nothing (no side
+        effects on devices or FIFOs), and ``/proc/self/fd`` gives that
+        descriptor's real path; the file is then opened through the same
+        descriptor, so it is the file checked.  Any failure before the access
+        decision (a missing file, a dangling link, no ``/proc``) goes the long
+        way, which also finds the right error.
+        """
+        if _RESOLVE_FLAGS:
+            try:
+                ref = os.open(paths.lexical(name, self.config.root), _RESOLVE_FLAGS)
+            except (OSError, ValueError):
+                ref = -1
+            if ref >= 0:
+                try:
+                    opened = self._open_resolved(ref)
+                finally:
+                    os.close(ref)
+                if opened is not None:
+                    return opened
+        return self._open_named(name)
+
+    def _open_resolved(self, ref: int) -> Optional[Tuple[str, int, os.stat_result]]:
+        """``_open_read`` from an ``O_PATH`` descriptor; None: go the long way."""
+        link = f"/proc/self/fd/{ref}"
+        try:
+            path = os.readlink(link)
+            pre = os.fstat(ref)
+        except OSError:
+            return None
+        if not path.startswith("/") or path.endswith(" (deleted)"):
+            return None
+        if not self.policy.allowed(path):
+            raise _denied()
+        if not _servable(pre):
+            raise _denied()
+        try:
+            fd = os.open(link, _REOPEN_FLAGS)
+        except OSError as e:
+            raise _not_found() if e.errno in (errno.ENOENT, errno.ENOTDIR) else _denied()
+        return path, fd, _opened(fd, pre)
+
+    def _open_named(self, name: bytes) -> Tuple[str, int, os.stat_result]:
+        """``_open_read`` by name: ``realpath``, then open with ``O_NOFOLLOW``
+        and check that the descriptor is the file at that path."""
+        path = self._real(name, self.config.root)
+        if not self.policy.allowed(path):
+            raise _denied()
+        try:
+            # Refuse devices, FIFOs and directories before opening them: an
+            # open alone can have side effects (a tape rewinds, a FIFO blocks).
+            pre = os.lstat(path)
+            if not _servable(pre):
+                raise _denied()
+            fd = os.open(path, _READ_FLAGS)
+        except OSError as e:
+            raise _not_found() if e.errno in (errno.ENOENT, errno.ENOTDIR) else _denied()
+        return path, fd, _opened(fd, pre, path)
 
     def _write(self, request: Request, text: bool) -> Plan:
         if not self.config.allow_write:
