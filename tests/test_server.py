@@ -1177,3 +1177,76 @@ def test_identical_request_is_a_retransmission_until_the_peer_has_answered() -> 
     assert not is_retransmission(job, now_real - 4.0)         # over, sent after: new
     job.engine = engine(Outcome.TIMEOUT, None)                # type: ignore[assignment]
     assert is_retransmission(job, now_real)                   # never answered
+
+
+def test_pool_limits_threads_bounds_the_queue_and_closes() -> None:
+    """The worker pool: at most ``limit`` jobs run at once, ``queue_limit``
+    more wait, idle threads are reused, ``on_idle`` fires when the last job
+    ends, and ``close`` lets the rest finish and ends every thread."""
+    import threading
+
+    from tftpd.server import Pool
+
+    gate = threading.Event()
+    ran: List[int] = []
+    running: List[int] = []
+    most = [0]
+    idle_calls: List[int] = []
+    lock = threading.Lock()
+
+    def run(job: object) -> None:
+        with lock:
+            running.append(1)
+            most[0] = max(most[0], len(running))
+        gate.wait(10)
+        with lock:
+            running.pop()
+            ran.append(id(job))
+
+    pool = Pool(2, 3, run, on_idle=lambda: idle_calls.append(1))  # type: ignore[arg-type]
+    jobs = [object() for _ in range(6)]
+    accepted = [pool.submit(job) for job in jobs]                     # type: ignore[arg-type]
+    assert accepted == [True] * 5 + [False]                           # 2 running, 3 queued
+    assert pool.pending() == 5 and pool.threads == 2
+    gate.set()
+    assert pool.close(timeout=10)
+    assert sorted(ran) == sorted(id(j) for j in jobs[:5]) and most[0] == 2
+    assert idle_calls and pool.threads == 0 and pool.pending() == 0
+    deadline = time.monotonic() + 10
+    while any(t.name == "tftpd-worker" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a worker thread outlived close()"
+        time.sleep(0.01)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_pool_reuses_an_idle_thread_and_survives_a_failing_job() -> None:
+    import threading
+
+    from tftpd.server import Pool
+
+    done = threading.Semaphore(0)
+    names: List[int] = []
+    fail = object()
+
+    def run(job: object) -> None:
+        names.append(threading.get_ident())
+        done.release()
+        if job is fail:
+            raise SystemExit        # ends its thread; the pool keeps count
+    pool = Pool(4, 10, run)                                           # type: ignore[arg-type]
+    for _ in range(5):
+        assert pool.submit(object())                                  # type: ignore[arg-type]
+        assert done.acquire(timeout=10)
+        deadline = time.monotonic() + 10
+        while pool.pending():                                         # back to idle
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    assert len(set(names)) == 1 and pool.threads == 1
+    assert pool.submit(fail)                                          # type: ignore[arg-type]
+    assert done.acquire(timeout=10)
+    deadline = time.monotonic() + 10
+    while pool.threads:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert pool.submit(object()) and done.acquire(timeout=10)        # type: ignore[arg-type]
+    assert pool.close(timeout=10) and pool.threads == 0

@@ -165,10 +165,26 @@ def show(peer: Address) -> str:
     return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
 
 
+class _Idle:
+    """A worker thread waiting for its next job: ``submit`` sets ``job`` and
+    releases ``wake``, which the thread is blocked on (None: exit)."""
+
+    __slots__ = ("wake", "job")
+
+    def __init__(self) -> None:
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.job: Optional[Job] = None
+
+
 class Pool:
     """At most ``limit`` worker threads; a bounded queue of jobs beyond that.
 
-    ``on_idle`` is called (in the worker) each time the last pending job ends.
+    A job goes straight to an idle thread when there is one (one lock release
+    wakes exactly that thread), else to a new thread while fewer than
+    ``limit`` run, else into the queue, which threads empty before they go
+    idle.  ``on_idle`` is called (in the worker) each time the last pending
+    job ends.
     """
 
     def __init__(self, limit: int, queue_limit: int, run: Callable[[Job], None],
@@ -178,54 +194,72 @@ class Pool:
         self.run = run
         self.on_idle = on_idle
         self.jobs: Deque[Job] = collections.deque()
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self.done = threading.Condition(self.lock)   # close() waits on it
+        self.waiting = 0                             # threads in close()
+        self.idle: List[_Idle] = []
         self.threads = 0
-        self.idle = 0
         self.busy = 0
         self.closed = False
 
     def submit(self, job: Job) -> bool:
-        with self.cond:
-            if len(self.jobs) >= self.queue_limit:
-                return False
-            self.jobs.append(job)
-            if self.idle > len(self.jobs) - 1:
-                self.cond.notify()
+        with self.lock:
+            if self.idle:
+                waiter = self.idle.pop()
+                waiter.job = job
+                self.busy += 1
+                waiter.wake.release()
             elif self.threads < self.limit:
                 self.threads += 1
-                t = threading.Thread(target=self._loop, name="tftpd-worker", daemon=True)
-                t.start()
+                self.busy += 1
+                threading.Thread(target=self._loop, args=(job,), name="tftpd-worker",
+                                 daemon=True).start()
+            elif len(self.jobs) >= self.queue_limit:
+                return False
+            else:
+                self.jobs.append(job)
             return True
 
-    def _loop(self) -> None:
-        while True:
-            with self.cond:
-                while not self.jobs and not self.closed:
-                    self.idle += 1
-                    self.cond.wait()
-                    self.idle -= 1
-                if not self.jobs:
-                    self.threads -= 1
-                    self.cond.notify_all()
-                    return
-                job = self.jobs.popleft()
-                self.busy += 1
+    def _loop(self, job: Optional[Job]) -> None:
+        me = _Idle()
+        while job is not None:
             try:
                 self.run(job)
-            finally:
-                with self.cond:
-                    self.busy -= 1
-                    self.cond.notify_all()
-                    idle = not self.busy and not self.jobs
-                if idle and self.on_idle is not None:
-                    self.on_idle()
+            except BaseException:
+                self._finished(None)
+                raise
+            job = self._finished(me)
+            if job is None:
+                me.wake.acquire()          # until submit() or close()
+                job, me.job = me.job, None
+
+    def _finished(self, me: Optional[_Idle]) -> Optional[Job]:
+        """A job ended: the next queued one, or None (``me`` is then idle, or
+        this thread ends: on close, or ``me`` None after an exception)."""
+        with self.lock:
+            if self.jobs and me is not None:
+                return self.jobs.popleft()
+            self.busy -= 1
+            idle = not self.busy and not self.jobs
+            if me is None or self.closed:
+                self.threads -= 1
+            else:
+                self.idle.append(me)
+            if self.waiting:
+                self.done.notify_all()
+        if idle and self.on_idle is not None:
+            self.on_idle()
+        if me is not None and self.closed:
+            me.job = None              # ends the thread (its wake was not released)
+            me.wake.release()
+        return None
 
     def pending(self) -> int:
-        with self.cond:
+        with self.lock:
             return self.busy + len(self.jobs)
 
     def drop_queued(self) -> List[Job]:
-        with self.cond:
+        with self.lock:
             jobs = list(self.jobs)
             self.jobs.clear()
             return jobs
@@ -233,14 +267,22 @@ class Pool:
     def close(self, timeout: Optional[float]) -> bool:
         """Let queued and running jobs finish; True if all did within timeout."""
         end = None if timeout is None else time.monotonic() + timeout
-        with self.cond:
+        with self.lock:
             self.closed = True
-            self.cond.notify_all()
-            while self.busy or self.jobs:
-                left = None if end is None else end - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self.cond.wait(left)
+            for waiter in self.idle:
+                self.threads -= 1
+                waiter.job = None
+                waiter.wake.release()
+            self.idle.clear()
+            self.waiting += 1
+            try:
+                while self.busy or self.jobs:
+                    left = None if end is None else end - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self.done.wait(left)
+            finally:
+                self.waiting -= 1
         return True
 
 
