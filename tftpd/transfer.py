@@ -342,31 +342,24 @@ class Sender(_Transfer):
         full = self.blksize + 4
         last = last_len = 0
         moved = False
+        want = self.wire.number(nxt - 1)          # the ACK that moves the window
         try:
             while True:
                 n = recv()
-                if n != 4 or buf[1] != 4 or buf[0]:
-                    return n
-                if base + ((buf[2] << 8 | buf[3]) - base) % modulus != nxt - 1:
-                    return n          # a duplicate, a gap: the general path
+                if n != 4 or buf[1] != 4 or buf[0] or (buf[2] << 8 | buf[3]) != want:
+                    return n          # not that ACK (a duplicate, a gap...): the general path
+                # The next window goes out first: the peer works on it while
+                # the round trip is sampled (the block's critical path is
+                # read ACK -> send DATA).
                 now = clock()
-                if not fixed:         # Rto.sample (RFC 6298)
-                    rtt = now - sent_at
-                    if srtt < 0:
-                        srtt, rttvar = rtt, rtt / 2
-                    else:
-                        rttvar += 0.25 * ((srtt - rtt if srtt > rtt else rtt - srtt) - rttvar)
-                        srtt += 0.125 * (rtt - srtt)
-                    v = srtt + 4 * rttvar
-                    v = floor if v < floor else cap if v > cap else v
                 moved = True
                 base = index = nxt
                 end = base + window
-                sent_at = now
+                failed = None
                 try:
                     while index < end:
-                        pkt = packet(index, index if index <= 65535
-                                     else (index - wrap) % modulus + wrap)
+                        want = index if index <= 65535 else (index - wrap) % modulus + wrap
+                        pkt = packet(index, want)
                         try:
                             send(pkt)
                         except OSError as e:
@@ -382,11 +375,22 @@ class Sender(_Transfer):
                         if ahead is not None and index >= source.end:
                             ahead(index)
                 except OSError as e:
-                    self._finish(Outcome.ERROR, f"read failed: {e.strerror or e}",
+                    failed = e
+                nxt = index
+                if not fixed:         # Rto.sample (RFC 6298)
+                    rtt = now - sent_at
+                    if srtt < 0:
+                        srtt, rttvar = rtt, rtt / 2
+                    else:
+                        rttvar += 0.25 * ((srtt - rtt if srtt > rtt else rtt - srtt) - rttvar)
+                        srtt += 0.125 * (rtt - srtt)
+                    v = srtt + 4 * rttvar
+                    v = floor if v < floor else cap if v > cap else v
+                sent_at = now
+                if failed is not None:
+                    self._finish(Outcome.ERROR, f"read failed: {failed.strerror or failed}",
                                  (ErrorCode.UNDEFINED, "Read error"))
                     return -1
-                finally:
-                    nxt = index
                 if last or v != value:
                     return -1         # the end is in flight, or the timer moved
         finally:
