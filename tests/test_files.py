@@ -123,38 +123,6 @@ def test_file_source_survives_a_file_that_shrinks(chunk: int, shrink_to: int, af
         assert len(got) >= min(shrink_to, 512 * after)
 
 
-@pytest.mark.parametrize("blksize", [512, 65464])
-def test_file_source_reads_ahead_only_what_it_does_not_hold(blksize: int) -> None:
-    """``ahead(i)`` reads block i (and the rest of a buffer's worth) at once,
-    so ``packet(i)`` after it does not read; a held block or the end of the
-    file reads nothing."""
-    size = blksize * 300 + 5
-    body = pattern(size)
-    reads = []
-    real = os.preadv
-
-    def counting(fd: int, buffers: Any, offset: int) -> int:
-        reads.append(offset // blksize + 1)
-        return real(fd, buffers, offset)
-
-    with TempFd(body) as fd, mock.patch.object(files.os, "preadv", counting):
-        src = FileSource(fd, blksize, size)
-        held = max(1, files.READ_CHUNK // blksize)
-        assert bytes(src.packet(1, 1)[4:]) == body[:blksize] and reads == [1]
-        src.ahead(src.end - 1)                # held already
-        assert reads == [1] and src.end == held + 1
-        src.ahead(held + 1)                   # the next buffer's worth, before it is asked for
-        assert reads == [1, held + 1] and src.end == 2 * held + 1
-        assert bytes(src.packet(held + 1, 1)[4:]) == body[held * blksize:(held + 1) * blksize]
-        assert reads == [1, held + 1]
-        last = size // blksize + 1
-        assert bytes(src.packet(last, 1)[4:]) == body[(last - 1) * blksize:]
-        count = len(reads)
-        src.ahead(last + 1)                   # past the end of the file: nothing to read
-        assert len(reads) == count
-        assert bytes(src.packet(3, 1)[4:]) == body[2 * blksize:3 * blksize]   # a go-back reads again
-
-
 def test_file_source_of_a_file_that_grew_serves_what_is_there() -> None:
     body = pattern(3000)
     with TempFd(body[:1000]) as fd:

@@ -243,3 +243,44 @@ def test_pump_leaves_everything_but_a_window_ack_to_the_general_path() -> None:
     assert n == 4 and bytes(buf[:4]) == ack(0)
     assert state(s) == before
     assert [p[1] for p, _ in rec.sent] == [6]          # only the OACK so far
+
+
+@pytest.mark.parametrize("windowsize", [1, 4])
+def test_pump_makes_the_next_packet_before_it_waits(windowsize: int) -> None:
+    """Between sending a window and reading its ACK, pump already asks the
+    source for the next window's first packet (a file is read ahead, off the
+    ACK -> DATA path), and sends that very packet when the ACK comes."""
+    w = windowsize
+    log: List[Tuple[str, Any]] = []
+
+    class Logged(BytesSource):
+        def packet(self, index: int, number: int) -> bytes:
+            log.append(("make", index))
+            return super().packet(index, number)
+
+    s = Sender(Logged(bytes(100), 4), CLIENT, Recorder(), blksize=4, windowsize=w,
+               rto=Rto(1.0))
+    s.start(0.0)
+    s.receive(memoryview(ack(w)), CLIENT, 0.001)       # answered: pump applies from here
+    log.clear()
+    buf = bytearray(16)
+    acks = iter([2 * w, 3 * w])
+
+    def recv() -> int:
+        number = next(acks, None)
+        log.append(("recv", number))
+        if number is None:
+            raise BlockingIOError(errno.EAGAIN, "timed out")
+        buf[:4] = ack(number)
+        return 4
+
+    def send(packet: Any) -> None:
+        log.append(("send", packet[2] << 8 | packet[3]))
+
+    with pytest.raises(BlockingIOError):
+        s.pump(recv, send, buf, Clock())
+    window = [e for i in range(2 * w + 1, 3 * w + 1) for e in (("make", i), ("send", i))]
+    assert log[:1 + 2 * w] == [("recv", 2 * w)] + window
+    assert log[1 + 2 * w:4 + 2 * w] == [("make", 3 * w + 1), ("recv", 3 * w), ("send", 3 * w + 1)]
+    assert log[-2:] == [("make", 4 * w + 1), ("recv", None)]
+    assert log.count(("make", 3 * w + 1)) == 1

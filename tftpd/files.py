@@ -53,7 +53,7 @@ class FileSource:
     """
 
     __slots__ = ("fd", "blksize", "buf", "slot", "payloads", "packets",
-                 "first", "count", "end", "tail", "eof")
+                 "first", "count", "tail", "eof")
 
     def __init__(self, fd: int, blksize: int, size_hint: int) -> None:
         self.fd = fd
@@ -67,7 +67,6 @@ class FileSource:
         self.packets = [view[i * slot:(i + 1) * slot] for i in range(n)]
         self.first = 0        # block index held in slot 0 (0: nothing loaded)
         self.count = 0        # blocks held
-        self.end = 0          # first + count: the first block index not held
         self.tail = blksize   # length of the last block held
         self.eof = False
 
@@ -79,17 +78,6 @@ class FileSource:
             self.count, self.tail, self.eof = full, self.blksize, False
         else:                 # end of file: a short (maybe empty) last block
             self.count, self.tail, self.eof = full + 1, rest, True
-        self.end = index + self.count
-
-    def ahead(self, index: int) -> None:
-        """Read block ``index`` and the ones after it now, if they are not held
-        and the file goes on: the engine calls this once it has sent
-        everything before ``index`` and waits for the peer, so the read
-        overlaps the round trip instead of delaying the next block (tftp-hpa's
-        read-ahead).  The blocks sent are overwritten: a retransmission reads
-        them again."""
-        if index >= self.end and not self.eof:
-            self._load(index)
 
     def packet(self, index: int, number: int) -> memoryview:
         i = index - self.first

@@ -128,8 +128,9 @@ class Source(Protocol):
     ``packet(index, number)`` is the DATA packet of block ``index`` with wire
     block number ``number`` (one buffer, or a (header, payload) tuple to be
     sent with one ``sendmsg``); a payload shorter than blksize ends the file.
-    A source may also have ``ahead(index)`` and ``end`` (see FileSource):
-    ``Sender.pump`` then has block ``index`` read while it waits for an ACK.
+    ``Sender.pump`` asks for the next window's first packet while it waits
+    for the ACK (a source that reads in runs thereby reads ahead), so a
+    packet must stay valid until the next call, whatever is sent meanwhile.
     """
 
     def packet(self, index: int, number: int) -> Packet: ...
@@ -337,21 +338,21 @@ class Sender(_Transfer):
         v = value
         source: Any = self.source
         packet = source.packet
-        ahead = getattr(source, "ahead", None)     # FileSource: read-ahead
         size = wire_length if getattr(source, "gathered", False) else len
         full = self.blksize + 4
         last = last_len = 0
         moved = False
         want = self.wire.number(nxt - 1)          # the ACK that moves the window
+        ready = 0                                 # block whose packet is made: ready_pkt
+        ready_pkt: Any = None
         try:
             while True:
                 n = recv()
                 if n != 4 or buf[1] != 4 or buf[0] or (buf[2] << 8 | buf[3]) != want:
                     return n          # not that ACK (a duplicate, a gap...): the general path
-                # The next window goes out first: the peer works on it while
-                # the round trip is sampled (the block's critical path is
-                # read ACK -> send DATA).
-                now = clock()
+                # The block's critical path is read ACK -> send DATA: the
+                # first packet of the window is made beforehand, and the
+                # round trip is sampled once the window is out.
                 moved = True
                 base = index = nxt
                 end = base + window
@@ -359,7 +360,7 @@ class Sender(_Transfer):
                 try:
                     while index < end:
                         want = index if index <= 65535 else (index - wrap) % modulus + wrap
-                        pkt = packet(index, want)
+                        pkt = ready_pkt if ready == index else packet(index, want)
                         try:
                             send(pkt)
                         except OSError as e:
@@ -371,12 +372,10 @@ class Sender(_Transfer):
                         if n < full:
                             last, last_len = index - 1, n - 4
                             break
-                    else:
-                        if ahead is not None and index >= source.end:
-                            ahead(index)
                 except OSError as e:
                     failed = e
                 nxt = index
+                now = clock()
                 if not fixed:         # Rto.sample (RFC 6298)
                     rtt = now - sent_at
                     if srtt < 0:
@@ -393,6 +392,11 @@ class Sender(_Transfer):
                     return -1
                 if last or v != value:
                     return -1         # the end is in flight, or the timer moved
+                try:                  # the next window's first packet, while the peer works
+                    ready_pkt = packet(nxt, nxt if nxt <= 65535 else (nxt - wrap) % modulus + wrap)
+                    ready = nxt
+                except OSError:
+                    ready = 0         # made again when due: the error is reported then
         finally:
             if moved:                 # write the state back
                 self.base, self.next, self.sent_at = base, nxt, sent_at
