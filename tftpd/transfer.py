@@ -342,13 +342,16 @@ class Sender(_Transfer):
         full = self.blksize + 4
         last = last_len = 0
         moved = False
-        want = self.wire.number(nxt - 1)          # the ACK that moves the window
-        ready = 0                                 # block whose packet is made: ready_pkt
+        pack = _DATA_HDR.pack
+        head = memoryview(buf)[:4]
+        want = self.wire.number(nxt - 1)          # the last block sent,
+        expect = pack(4, want)                    # and the ACK that moves the window
+        ready = ready_want = 0                    # the block whose packet is made: ready_pkt
         ready_pkt: Any = None
         try:
             while True:
                 n = recv()
-                if n != 4 or buf[1] != 4 or buf[0] or (buf[2] << 8 | buf[3]) != want:
+                if n != 4 or head != expect:
                     return n          # not that ACK (a duplicate, a gap...): the general path
                 # The block's critical path is read ACK -> send DATA: the
                 # first packet of the window is made beforehand, and the
@@ -359,8 +362,11 @@ class Sender(_Transfer):
                 failed = None
                 try:
                     while index < end:
-                        want = index if index <= 65535 else (index - wrap) % modulus + wrap
-                        pkt = ready_pkt if ready == index else packet(index, want)
+                        if ready == index:
+                            want, pkt = ready_want, ready_pkt
+                        else:
+                            want = index if index <= 65535 else (index - wrap) % modulus + wrap
+                            pkt = packet(index, want)
                         try:
                             send(pkt)
                         except OSError as e:
@@ -376,6 +382,7 @@ class Sender(_Transfer):
                     failed = e
                 nxt = index
                 now = clock()
+                expect = pack(4, want)
                 if not fixed:         # Rto.sample (RFC 6298)
                     rtt = now - sent_at
                     if srtt < 0:
@@ -393,7 +400,8 @@ class Sender(_Transfer):
                 if last or v != value:
                     return -1         # the end is in flight, or the timer moved
                 try:                  # the next window's first packet, while the peer works
-                    ready_pkt = packet(nxt, nxt if nxt <= 65535 else (nxt - wrap) % modulus + wrap)
+                    ready_want = nxt if nxt <= 65535 else (nxt - wrap) % modulus + wrap
+                    ready_pkt = packet(nxt, ready_want)
                     ready = nxt
                 except OSError:
                     ready = 0         # made again when due: the error is reported then
