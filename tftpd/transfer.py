@@ -348,6 +348,7 @@ class Sender(_Transfer):
         expect = pack(4, want)                    # and the ACK that moves the window
         ready = ready_want = 0                    # the block whose packet is made: ready_pkt
         ready_pkt: Any = None
+        failed: Optional[OSError] = None
         try:
             while True:
                 n = recv()
@@ -359,7 +360,6 @@ class Sender(_Transfer):
                 moved = True
                 base = index = nxt
                 end = base + window
-                failed = None
                 try:
                     while index < end:
                         if ready == index:
