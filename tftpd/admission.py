@@ -37,8 +37,9 @@ _READ_FLAGS = (os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
                | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
 # O_PATH: resolve a name without opening the file (Linux); 0 where there is none.
 _RESOLVE_FLAGS = (os.O_PATH | getattr(os, "O_CLOEXEC", 0)) if hasattr(os, "O_PATH") else 0
-# Opening /proc/self/fd/N follows that link to the descriptor's file: no O_NOFOLLOW.
-_REOPEN_FLAGS = _READ_FLAGS & ~getattr(os, "O_NOFOLLOW", 0)
+# Opening /proc/self/fd/N follows that link to the descriptor's file, which is
+# known to be a regular file by then: no O_NOFOLLOW, no O_NONBLOCK.
+_REOPEN_FLAGS = _READ_FLAGS & ~getattr(os, "O_NOFOLLOW", 0) & ~os.O_NONBLOCK
 
 
 
@@ -157,7 +158,6 @@ class Admission:
     def _read(self, request: Request, text: bool) -> Plan:
         path, fd, st = self._open_read(request.filename)
         try:
-            os.set_blocking(fd, True)
             n = negotiate(Opcode.RRQ, request.options, self.limits,
                           rrq_size=(lambda: netascii.encoded_size(fd)) if text
                           else (lambda: st.st_size))
@@ -171,8 +171,8 @@ class Admission:
             raise
 
     def _open_read(self, name: bytes) -> Tuple[str, int, os.stat_result]:
-        """The real path of a requested file, the file opened for reading at
-        that path, and its ``fstat``; or a TftpError.
+        """The real path of a requested file, the file opened for (blocking)
+        reads at that path, and its ``fstat``; or a TftpError.
 
         Where the kernel can say it (Linux: ``O_PATH`` and ``/proc``), it
         resolves the name once, into a descriptor that opens nothing (no side
@@ -231,7 +231,13 @@ class Admission:
             fd = os.open(path, _READ_FLAGS)
         except OSError as e:
             raise _not_found() if e.errno in (errno.ENOENT, errno.ENOTDIR) else _denied()
-        return path, fd, _opened(fd, pre, path)
+        st = _opened(fd, pre, path)
+        try:
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return path, fd, st
 
     def _write(self, request: Request, text: bool) -> Plan:
         if not self.config.allow_write:

@@ -136,6 +136,10 @@ def _pairs(fields: List[bytes]) -> Options:
     return pairs
 
 
+_OPCODES = {int(op): op for op in Opcode}    # Opcode(n) without the enum's Python-level call
+_REQUEST_OPS = (int(Opcode.RRQ), int(Opcode.WRQ))
+
+
 def decode(datagram: bytes) -> Packet:
     """Decode one datagram; raise MalformedPacket for anything else."""
     data = bytes(datagram)
@@ -143,7 +147,7 @@ def decode(datagram: bytes) -> Packet:
         raise MalformedPacket("datagram shorter than an opcode")
     (op,) = _OP.unpack_from(data)
     body = data[2:]
-    if op in (Opcode.RRQ, Opcode.WRQ):
+    if op in _REQUEST_OPS:
         fields = _strings(body)
         padded = len(fields)
         while len(fields) > 2 and not fields[-1]:
@@ -157,7 +161,8 @@ def decode(datagram: bytes) -> Packet:
             raise MalformedPacket("empty file name")
         if not mode:
             raise MalformedPacket("empty mode")
-        return Request(Opcode(op), filename, mode, _pairs(fields[2:]))
+        return Request(_OPCODES[op], filename, mode,
+                       _pairs(fields[2:]) if len(fields) > 2 else ())
     if op == Opcode.DATA:
         if len(data) < 4:
             raise MalformedPacket("DATA shorter than its header")

@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import os
 import posixpath
+import sys
 
 __all__ = ["lexical", "real", "within", "display"]
+
+# os.fsdecode() without its Python-level look-ups on every request
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
+_normpath = posixpath.normpath
 
 
 def lexical(name: bytes, base: str) -> str:
@@ -21,10 +27,10 @@ def lexical(name: bytes, base: str) -> str:
     Bytes that are not UTF-8 survive as surrogate escapes, so the path names
     exactly the file the client asked for.
     """
-    text = os.fsdecode(name)
+    text = name.decode(_FS_ENCODING, _FS_ERRORS)
     if not text.startswith("/"):
         text = base.rstrip("/") + "/" + text
-    path = posixpath.normpath(text)
+    path = _normpath(text)
     if path.startswith("//"):          # POSIX keeps a leading '//'; we do not
         path = "/" + path.lstrip("/")
     return path

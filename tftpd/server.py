@@ -47,6 +47,11 @@ _IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 _IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+# plain ints and functions for the per-request path (no module or enum look-ups)
+_SOL_IP, _SOL_IPV6 = int(socket.IPPROTO_IP), int(socket.IPPROTO_IPV6)
+_AF_INET, _AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
+_inet_ntop = socket.inet_ntop
+_V4_NAMES: Dict[bytes, str] = {}    # local_address: ipi_spec_dst -> its text
 _ANC_SIZE = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12) + socket.CMSG_SPACE(16)
 _REQUEST_MAX = 65536
 _THREAD_STACK = 512 * 1024
@@ -130,11 +135,17 @@ def local_address(sock: socket.socket, ancdata: List[Tuple[int, int, bytes]]
     """
     v6: Optional[Tuple[Optional[str], int]] = None
     for level, kind, data in ancdata:
-        if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(data) >= 12:
-            return socket.inet_ntop(socket.AF_INET, data[4:8]), 0
-        if level == socket.IPPROTO_IPV6 and kind == _IPV6_PKTINFO and len(data) >= 20:
-            ifindex = int.from_bytes(data[16:20], "little" if socket.htonl(1) != 1 else "big")
-            addr = None if data[0] == 0xFF else socket.inet_ntop(socket.AF_INET6, data[:16])
+        if kind == _IP_PKTINFO and level == _SOL_IP and len(data) >= 12:
+            raw = data[4:8]
+            name = _V4_NAMES.get(raw)
+            if name is None:             # the host's own addresses: a few at most
+                if len(_V4_NAMES) >= 64:
+                    _V4_NAMES.clear()
+                name = _V4_NAMES[raw] = _inet_ntop(_AF_INET, raw)
+            return name, 0
+        if kind == _IPV6_PKTINFO and level == _SOL_IPV6 and len(data) >= 20:
+            ifindex = int.from_bytes(data[16:20], sys.byteorder)
+            addr = None if data[0] == 0xFF else _inet_ntop(_AF_INET6, data[:16])
             v6 = (addr, ifindex)
     if v6 is not None:
         return v6
@@ -292,6 +303,7 @@ class Server:
         self.config = config
         self.children = children        # PIDs of the other serving processes: signals go on
         self.sockets = sockets
+        self._family = {s: s.family for s in sockets}   # (a property call per request)
         self.admission = Admission(config, policy, umask=_current_umask())
         self.idle_exit = idle_exit
         # inetd mode: the request loop hears at once that the last transfer ended
@@ -487,7 +499,7 @@ class Server:
             log.debug("trace %s < %s", show(peer), describe((data,)))
         self.last_activity = time.monotonic()
         local, ifindex = local_address(sock, anc)
-        peer, bind, family = _normalise(peer, local, ifindex, sock.family)
+        peer, bind, family = _normalise(peer, local, ifindex, self._family[sock])
         key = (peer, data)
         with self.lock:
             old = self.active.get(key)
