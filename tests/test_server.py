@@ -1218,12 +1218,13 @@ def test_pool_limits_threads_bounds_the_queue_and_closes() -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_pool_reuses_an_idle_thread_and_survives_a_failing_job() -> None:
+def test_pool_reuses_an_idle_thread_and_survives_a_failing_job(monkeypatch) -> None:
     import threading
 
     from tftpd.server import Pool
 
+    failed: List[object] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: failed.append(args.exc_type))
     done = threading.Semaphore(0)
     names: List[int] = []
     fail = object()
@@ -1245,8 +1246,47 @@ def test_pool_reuses_an_idle_thread_and_survives_a_failing_job() -> None:
     assert pool.submit(fail)                                          # type: ignore[arg-type]
     assert done.acquire(timeout=10)
     deadline = time.monotonic() + 10
-    while pool.threads:
+    while pool.threads or names[0] in {t.ident for t in threading.enumerate()}:
         assert time.monotonic() < deadline
         time.sleep(0.001)
+    assert failed == [SystemExit]
     assert pool.submit(object()) and done.acquire(timeout=10)        # type: ignore[arg-type]
     assert pool.close(timeout=10) and pool.threads == 0
+
+
+@pytest.mark.parametrize("kind", ["epoll", "poll"])
+def test_poller_reports_readable_sockets_with_what_they_are_for(monkeypatch, kind: str) -> None:
+    """The request loop's poller: epoll, or poll where there is no epoll."""
+    import select as select_module
+    import types
+
+    from tftpd import server as server_module
+    if kind == "epoll" and not hasattr(select_module, "epoll"):
+        pytest.skip("no epoll here")
+    if kind == "poll":
+        fake = types.SimpleNamespace(poll=select_module.poll, POLLIN=select_module.POLLIN)
+        monkeypatch.setattr(server_module, "select", fake)
+    poller = server_module._Poller()
+    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for s in (a, b):
+            s.bind(("127.0.0.1", 0))
+        poller.register(a, server_module._REQUESTS)
+        poller.register(b, server_module._STRAYS)
+        assert poller.wait(0) == []
+        start = time.monotonic()
+        assert poller.wait(0.05) == [] and time.monotonic() - start >= 0.04
+        a.sendto(b"x", b.getsockname())
+        ready = poller.wait(5)
+        assert [fd for fd, _ in ready] == [b.fileno()]
+        assert poller.targets[b.fileno()] == (server_module._STRAYS, b)
+        poller.unregister(b)
+        assert poller.wait(0) == [] and b.fileno() not in poller.targets
+        poller.unregister(b)                          # twice: nothing happens
+        poller.close()
+        with pytest.raises(ValueError):
+            poller.register(b, server_module._STRAYS)
+    finally:
+        a.close()
+        b.close()

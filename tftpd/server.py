@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
-import selectors
+import select
 import signal
 import socket
 import sys
@@ -56,7 +56,7 @@ _ANC_SIZE = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12) + socket.CMSG_SPACE(16
 _REQUEST_MAX = 65536
 _THREAD_STACK = 512 * 1024
 _SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", None)
-_STRAYS = object()     # selector key data of a transfer port's stray catcher
+_REQUESTS, _STRAYS, _WAKE = 0, 1, 2    # what a descriptor of the request loop is for
 _STRAY_BATCH = 64      # strays answered per catcher per wake-up of the request loop
 # A transfer socket is connected (with a stray catcher beside it) only when the
 # transfer is expected to be at least this many blocks: the set-up costs about
@@ -297,6 +297,52 @@ class Pool:
         return True
 
 
+class _Poller:
+    """The request loop's descriptors, each with what it is for (``targets``).
+
+    epoll where there is one, else poll: ``selectors``' Python-level
+    ``select()`` costs more than twice the ``epoll.poll()`` it wraps, once per
+    request.  ``register`` and ``unregister`` may be called from worker
+    threads (stray catchers); after ``close`` they raise ValueError.
+    """
+
+    def __init__(self) -> None:
+        self.targets: Dict[int, Tuple[int, socket.socket]] = {}
+        self._impl: Any = select.epoll() if hasattr(select, "epoll") else select.poll()
+        self._ms = not hasattr(select, "epoll")       # poll() counts milliseconds
+        self._closed = False
+
+    def register(self, sock: socket.socket, what: int) -> None:
+        if self._closed:
+            raise ValueError("poller closed")
+        fd = sock.fileno()
+        self.targets[fd] = (what, sock)
+        try:
+            self._impl.register(fd, select.POLLIN)    # == EPOLLIN
+        except BaseException:
+            del self.targets[fd]
+            raise
+
+    def unregister(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        if self.targets.get(fd, (0, None))[1] is sock:
+            del self.targets[fd]
+            self._impl.unregister(fd)
+
+    def wait(self, timeout: Optional[float]) -> List[Tuple[int, int]]:
+        """(descriptor, events) of those ready within ``timeout`` seconds."""
+        if self._ms and timeout is not None:
+            timeout = max(0, int(timeout * 1000 + 0.999))
+        result: List[Tuple[int, int]] = self._impl.poll(timeout)
+        return result
+
+    def close(self) -> None:
+        self._closed = True
+        self.targets.clear()
+        if hasattr(self._impl, "close"):
+            self._impl.close()
+
+
 class Server:
     def __init__(self, config: Config, sockets: List[socket.socket], policy: Policy,
                  *, idle_exit: bool = False, children: Sequence[int] = ()) -> None:
@@ -327,7 +373,7 @@ class Server:
         # The request loop also answers strays to the transfers' ports: each
         # transfer socket is connected to its peer, and a second socket bound
         # to the same port with SO_REUSEPORT (the "catcher") gets what others send.
-        self._sel = selectors.DefaultSelector()
+        self._poller = _Poller()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         for s in sockets:
@@ -399,21 +445,23 @@ class Server:
 
     # -- the request loop --------------------------------------------------
     def serve(self) -> int:
-        sel = self._sel
+        poller = self._poller
         for s in self.sockets:
-            sel.register(s, selectors.EVENT_READ, s)      # key.data: the socket
-        sel.register(self._wake_r, selectors.EVENT_READ)
+            poller.register(s, _REQUESTS)
+        poller.register(self._wake_r, _WAKE)
+        targets = poller.targets
         buf = bytearray(_REQUEST_MAX)
         timeout: Optional[float] = 0.0 if self.idle_exit else None
         try:
             while not self.stopping:
-                for key, _ in sel.select(timeout):
-                    if key.data is _STRAYS:
-                        self._answer_strays(key.fileobj, buf)   # type: ignore[arg-type]
-                    elif key.fileobj is self._wake_r:
+                for fd, _ in poller.wait(timeout):
+                    what, sock = targets.get(fd, (-1, self._wake_r))
+                    if what == _REQUESTS:
+                        self._read_requests(sock, buf)
+                    elif what == _STRAYS:
+                        self._answer_strays(sock, buf)
+                    elif what == _WAKE:
                         self._drain_wake()
-                    else:
-                        self._read_requests(key.data, buf)
                 if self.idle_exit:
                     idle = self.config.idle_timeout
                     if self.pool.pending():
@@ -426,7 +474,7 @@ class Server:
                     timeout = left
             return self._shutdown()
         finally:
-            sel.close()
+            poller.close()
 
     def _drain_wake(self) -> None:
         try:
@@ -539,15 +587,15 @@ class Server:
         if catcher is None:
             return None
         try:
-            self._sel.register(catcher, selectors.EVENT_READ, _STRAYS)
-        except (OSError, ValueError, RuntimeError):   # ValueError/RuntimeError: selector closed
+            self._poller.register(catcher, _STRAYS)
+        except (OSError, ValueError):                  # ValueError: the loop has ended
             catcher.close()        # strays now get ICMP port unreachable instead
         return catcher
 
     def _drop_catcher(self, catcher: socket.socket) -> None:
         try:
-            self._sel.unregister(catcher)
-        except (KeyError, ValueError, RuntimeError, OSError):
+            self._poller.unregister(catcher)
+        except (KeyError, ValueError, OSError):
             pass
         catcher.close()
 
