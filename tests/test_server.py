@@ -1290,3 +1290,35 @@ def test_poller_reports_readable_sockets_with_what_they_are_for(monkeypatch, kin
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("idle", [0.0, 0.2, 0.8])
+def test_inetd_mode_exits_when_idle_for_its_idle_time(tmp_path: Path, idle: float) -> None:
+    """The request loop (inetd mode, in this process) exits ``--idle-timeout``
+    seconds after the last transfer ended, whether the pool tells it at once
+    (short idle times) or it finds out by looking every PENDING_POLL seconds."""
+    import threading
+
+    from tftpd.access import AccessTable
+    from tftpd.config import Config
+    from tftpd.server import PENDING_POLL, Server
+
+    root = tmp_path / "root"
+    root.mkdir()
+    put(root, "f.bin", b"x" * 100)
+    cfg = Config(root=str(root), access_file=str(tmp_path / "none.ctl"), idle_timeout=idle)
+    listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listen.bind(("127.0.0.1", 0))
+    server = Server(cfg, [listen], AccessTable(cfg.access_file, [str(root)]), idle_exit=True)
+    assert (server.pool.on_idle is not None) == (idle < PENDING_POLL)
+    ended: List[float] = []
+    loop = threading.Thread(target=lambda: (server.serve(), ended.append(time.monotonic())))
+    with Peer(listen.getsockname()) as peer:
+        peer.send(rrq("f.bin"))                  # waiting when the loop starts, as under inetd
+        loop.start()
+        pkt, tid = peer.expect(op=DATA)
+        peer.send(ack(1), tid)
+        acked = time.monotonic()
+        loop.join(idle + 5)
+    assert ended, "the request loop did not exit"
+    assert idle - 0.05 <= ended[0] - acked <= idle + 0.4

@@ -64,6 +64,7 @@ _STRAY_BATCH = 64      # strays answered per catcher per wake-up of the request 
 CONNECT_MIN_BLOCKS = 32
 STOP_GRACE = 60.0      # SIGTERM/SIGINT: running transfers get this long to finish
 DALLY_MIN = 1.0        # after a WRQ: a client's resend of its last DATA comes after its own timer
+PENDING_POLL = 0.5     # inetd mode: how often the request loop looks whether transfers ended
 
 
 class Job:
@@ -352,10 +353,14 @@ class Server:
         self._family = {s: s.family for s in sockets}   # (a property call per request)
         self.admission = Admission(config, policy, umask=_current_umask())
         self.idle_exit = idle_exit
-        # inetd mode: the request loop hears at once that the last transfer ended
-        # (an idle exit after each request does not wait for its next poll)
+        # inetd mode: while transfers run the request loop looks every
+        # PENDING_POLL seconds whether they have ended; with a shorter idle
+        # time it is told at once when the last one ends (an idle exit after
+        # each request does not wait for that look).  With a longer one the
+        # look comes before the exit is due anyway: no wake-up per request.
         self.pool = Pool(config.max_threads, config.queue_limit, self._run,
-                         on_idle=self._wake if idle_exit else None)
+                         on_idle=self._wake if idle_exit
+                         and config.idle_timeout < PENDING_POLL else None)
         self.lock = threading.Lock()
         # (peer, request datagram) -> its queued or running job: a retransmitted
         # request is recognised by this key; a different request from the same
@@ -465,7 +470,7 @@ class Server:
                 if self.idle_exit:
                     idle = self.config.idle_timeout
                     if self.pool.pending():
-                        timeout = min(0.5, max(idle, 0.02))
+                        timeout = min(PENDING_POLL, max(idle, 0.02))
                         continue
                     left = self.last_activity + idle - time.monotonic()
                     if left <= 0:
