@@ -370,7 +370,8 @@ def test_small_blocks_and_empty_files_are_read_not_mapped(blksize: int, size: in
 
 def test_a_file_that_cannot_be_mapped_is_read() -> None:
     body = pattern(100_000)
-    with TempFd(body) as fd, mock.patch.object(files.mmap, "mmap",
+    import mmap
+    with TempFd(body) as fd, mock.patch.object(mmap, "mmap",
                                                side_effect=OSError(19, "No such device")):
         src = files.file_source(fd, 65464, len(body))
         assert isinstance(src, FileSource)

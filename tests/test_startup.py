@@ -57,6 +57,7 @@ ABSENT = {
     "daemon": "only with --daemon",
     "lockfile": "only with --daemon",
     "tftpd.check": "only with --check",
+    "mmap": "only for a download at blksize >= 32768",
     "tftpd.daemonize": "only with --daemon",
 }
 

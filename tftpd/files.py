@@ -18,7 +18,6 @@ over the target only after the last block has been flushed and fsynced.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import struct
 
@@ -113,6 +112,7 @@ class MappedSource:
         self.lo = self.hi = 0   # file offsets covered by view
 
     def _map(self, start: int, stop: int) -> None:
+        import mmap             # here: an inetd start at small block sizes never needs it
         lo = start - start % mmap.ALLOCATIONGRANULARITY
         hi = min(self.size, max(lo + MAP_WINDOW, stop))
         self.view = None        # the old mapping goes when its last packet does
