@@ -333,8 +333,8 @@ def test_mapped_source_packets_are_header_and_the_files_slice(case: tuple) -> No
     blksize, size, walk, map_window = case
     body = pattern(size, seed=3)
     with TempFd(body) as fd, mock.patch.object(files, "MAP_WINDOW", map_window):
-        src = files.file_source(fd, blksize, size)
-        assert isinstance(src, files.MappedSource) and src.gathered
+        src = files.MappedSource(fd, blksize, size)
+        assert src.gathered
         for i in walk + list(range(1, size // blksize + 2)):
             number = i & 0xFFFF
             pkt = src.packet(i, number)
@@ -348,7 +348,7 @@ def test_mapped_source_whole_file_ends_with_a_short_block(size: int) -> None:
     blksize = 65464
     body = pattern(size)
     with TempFd(body) as fd:
-        src = files.file_source(fd, blksize, size)
+        src = files.MappedSource(fd, blksize, size)
         out, i = [], 1
         while True:
             _, payload = src.packet(i, 1)
@@ -359,13 +359,33 @@ def test_mapped_source_whole_file_ends_with_a_short_block(size: int) -> None:
         assert b"".join(out) == body and i == size // blksize + 1
 
 
-@pytest.mark.parametrize("blksize,size", [(512, 10_000), (8192, 10_000), (16384, 10_000),
-                                          (65464, 0), (32768, 0)])
-def test_small_blocks_and_empty_files_are_read_not_mapped(blksize: int, size: int) -> None:
+@pytest.mark.parametrize("blksize,size,kind", [
+    (512, 10_000, FileSource), (8192, 10_000, FileSource), (16384, 100_000, FileSource),
+    (512, 511, files.SmallSource), (512, 0, files.SmallSource), (512, 512, FileSource),
+    (65464, 0, files.SmallSource), (32768, 300, files.SmallSource),
+    (32768, 32768, files.MappedSource)])
+def test_file_source_picks_by_size_and_block_size(blksize: int, size: int, kind: type) -> None:
     with TempFd(pattern(size)) as fd:
         src = files.file_source(fd, blksize, size)
-        assert isinstance(src, FileSource)
-        assert bytes(src.packet(1, 1)[4:]) == pattern(size)[:blksize]
+        assert type(src) is kind
+        first = src.packet(1, 1)
+        got = b"".join(bytes(p) for p in first) if isinstance(first, tuple) else bytes(first)
+        assert got == b"\x00\x03\x00\x01" + pattern(size)[:blksize]
+
+
+@settings(max_examples=200, deadline=None)
+@given(source_case())
+def test_small_source_blocks_are_the_files_slices(case: tuple) -> None:
+    """Whatever the size (it is picked for files under one block, which may
+    grow or shrink meanwhile), a packet is the header and that slice."""
+    blksize, size, _hint, _chunk, _window, walk = case
+    body = pattern(size)
+    with TempFd(body) as fd:
+        src = files.SmallSource(fd, blksize)
+        for i in walk + list(range(1, size // blksize + 3)):
+            number = i & 0xFFFF
+            assert src.packet(i, number) == (b"\x00\x03" + number.to_bytes(2, "big")
+                                             + body[(i - 1) * blksize:i * blksize])
 
 
 def test_a_file_that_cannot_be_mapped_is_read() -> None:

@@ -12,7 +12,8 @@ import stat
 
 from . import netascii, paths
 from .files import (
-    AtomicFile, FileSource, MappedSource, NetasciiSink, NetasciiSource, file_source, free_bytes,
+    AtomicFile, FileSource, MappedSource, NetasciiSink, NetasciiSource, SmallSource, file_source,
+    free_bytes,
 )
 from .options import negotiate
 from .packets import ErrorCode, Opcode, TftpError, oack_packet
@@ -69,7 +70,8 @@ class Plan:
 
     def __init__(self, opcode: Opcode, path: str, netascii: bool, negotiated: Negotiated,
                  oack: Optional[bytes],
-                 source: Union[FileSource, MappedSource, NetasciiSource, None] = None,
+                 source: Union[FileSource, MappedSource, SmallSource, NetasciiSource,
+                               None] = None,
                  sink: Union[AtomicFile, NetasciiSink, None] = None, fd: int = -1,
                  size: int = -1) -> None:
         self.opcode = opcode
@@ -161,7 +163,7 @@ class Admission:
             n = negotiate(Opcode.RRQ, request.options, self.limits,
                           rrq_size=(lambda: netascii.encoded_size(fd)) if text
                           else (lambda: st.st_size))
-            source: Union[FileSource, MappedSource, NetasciiSource] = (
+            source: Union[FileSource, MappedSource, SmallSource, NetasciiSource] = (
                 NetasciiSource(fd, n.blksize, n.windowsize) if text
                 else file_source(fd, n.blksize, st.st_size))
             return Plan(Opcode.RRQ, path, text, n, oack_packet(n.oack()) if n.acked else None,

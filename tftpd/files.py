@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     Buffer = Union[bytes, memoryview]
 
-__all__ = ["file_source", "FileSource", "MappedSource", "NetasciiSource", "AtomicFile", "NetasciiSink",
+__all__ = ["file_source", "FileSource", "MappedSource", "SmallSource", "NetasciiSource", "AtomicFile", "NetasciiSink",
            "TEMP_PREFIX", "TEMP_SUFFIX", "READ_CHUNK"]
 
 READ_CHUNK = 64 * 1024
@@ -139,10 +139,29 @@ class MappedSource:
         return self.header, self.view[start - self.lo:stop - self.lo]
 
 
-def file_source(fd: int, blksize: int, size: int) -> Union[FileSource, MappedSource]:
-    """The source for a file in octet mode: mapped at big block sizes when the
-    file can be mapped (not every file system can), read otherwise."""
-    if blksize >= MAP_MIN_BLKSIZE and size > 0:
+class SmallSource:
+    """DATA packets of a file smaller than one block (most configuration
+    files): each packet is read when asked, with one ``pread``; a run buffer
+    or a mapping would cost more to set up than the transfer itself."""
+
+    __slots__ = ("fd", "blksize")
+
+    def __init__(self, fd: int, blksize: int) -> None:
+        self.fd = fd
+        self.blksize = blksize
+
+    def packet(self, index: int, number: int) -> bytes:
+        blksize = self.blksize
+        return _HDR.pack(3, number) + os.pread(self.fd, blksize, (index - 1) * blksize)
+
+
+def file_source(fd: int, blksize: int, size: int) -> Union[FileSource, MappedSource, SmallSource]:
+    """The source for a file in octet mode: read as needed if it is smaller
+    than a block; mapped at big block sizes when the file can be mapped (not
+    every file system can); read in runs of blocks otherwise."""
+    if size < blksize:
+        return SmallSource(fd, blksize)
+    if blksize >= MAP_MIN_BLKSIZE:
         source = MappedSource(fd, blksize, size)
         try:
             source._map(0, min(size, blksize))
