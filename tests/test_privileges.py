@@ -24,6 +24,7 @@ from typing import Dict, List
 import pytest
 
 from conftest import ROOT, need
+from tftpclient import Peer
 from tftpd import privileges
 from tftpd.privileges import PrivilegeError
 
@@ -108,6 +109,21 @@ def assert_is_nobody(pid: int) -> None:
 
 
 # -- the server as nobody --------------------------------------------------------
+
+@as_root
+def test_big_block_download_as_nobody(tftpd_server, tree: Tree, tmp_path: Path) -> None:
+    """A mapped download (blksize >= 32768) after the drop: the module it
+    needs was loaded as root (here the interpreter is root-only)."""
+    content = bytes(range(256)) * 2000
+    (tree.root / "big.bin").write_bytes(content)
+    os.chmod(tree.root / "big.bin", 0o644)
+    server = tftpd_server("--user", "nobody", "--access-file", str(tree.ctl), root=tree.root)
+    assert_is_nobody(server.proc.pid)
+    with Peer(server.addr) as peer:
+        res = peer.download("big.bin", options={"blksize": "65464"})
+    assert res.error is None and res.data == content
+    assert "internal error" not in server.log()
+
 
 @as_root
 def test_standalone_server_runs_as_nobody(tftpd_server, tree: Tree, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from . import cleanup
 from . import log as logsetup
 from . import privileges
 from .access import AccessTable
+from .files import MAP_MIN_BLKSIZE
 from .cli import UsageError, check_default_root, fail, help_text, parse_args, version_text
 
 TYPE_CHECKING = False
@@ -75,6 +76,8 @@ def _drop_privileges(config: Config, processes: int = 1) -> bool:
         needs.append("upload")          # (tempfile: preloaded only when -n allows uploads)
     if processes > 1:
         needs.append("processes")
+    if config.max_blksize >= MAP_MIN_BLKSIZE and "blksize" not in config.refused:
+        needs.append("big blocks")      # (mmap: not loaded when -z or -r blksize rule them out)
     try:
         who = privileges.drop(config.user, needs=needs)
     except privileges.PrivilegeError as e:
