@@ -72,6 +72,7 @@ ALLOWED_STDLIB = {
     "struct", "_struct", "stat", "_stat", "pwd", "time",
     "os", "os.path", "posixpath", "genericpath", "_collections_abc",
     "mmap",     # only before a privilege drop (see the test below), for big blocks
+    "heapq", "_heapq", "_bootlocale", "_locale",    # Python 3.9: collections, open()
 }
 
 

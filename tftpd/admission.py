@@ -152,6 +152,8 @@ class Admission:
 
     def _real(self, name: bytes, base: str) -> str:
         """The real path of a requested name; every decision is made on it."""
+        if b"\0" in name:                   # (Python 3.9's realpath lets it through)
+            raise _denied()
         try:
             return paths.real(paths.lexical(name, base))
         except (OSError, ValueError):      # e.g. an embedded NUL
