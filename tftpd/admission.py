@@ -156,7 +156,7 @@ class Admission:
             raise _denied()
         try:
             return paths.real(paths.lexical(name, base))
-        except (OSError, ValueError):      # e.g. an embedded NUL
+        except (OSError, ValueError):
             raise _denied()
 
     def _read(self, request: Request, text: bool) -> Plan:

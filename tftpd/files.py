@@ -28,10 +28,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Optional, Tuple, Union
 
-    Buffer = Union[bytes, memoryview]
+    from .transfer import Buffer
 
-__all__ = ["file_source", "FileSource", "MappedSource", "SmallSource", "NetasciiSource", "AtomicFile", "NetasciiSink",
-           "TEMP_PREFIX", "TEMP_SUFFIX", "READ_CHUNK"]
+__all__ = ["file_source", "FileSource", "MappedSource", "SmallSource", "NetasciiSource",
+           "AtomicFile", "NetasciiSink", "TEMP_PREFIX", "TEMP_SUFFIX", "READ_CHUNK"]
 
 READ_CHUNK = 64 * 1024
 MAP_MIN_BLKSIZE = 32 * 1024   # from here on a file is mapped (measured: 10 vs 13 µs per block)
@@ -98,6 +98,7 @@ class MappedSource:
     end is reached is served to its new end (as ``FileSource`` does).  One
     that shrank fails the transfer: a new mapping past the end raises
     OSError here, a send from a page no longer in the file fails with EFAULT.
+    The first block is mapped at once: OSError if the file cannot be mapped.
     """
 
     __slots__ = ("fd", "blksize", "size", "header", "view", "lo", "hi")
@@ -110,6 +111,7 @@ class MappedSource:
         self.header = bytearray(4)
         self.view: Optional[memoryview] = None
         self.lo = self.hi = 0   # file offsets covered by view
+        self._map(0, min(size, blksize))
 
     def _map(self, start: int, stop: int) -> None:
         import mmap             # here: an inetd start at small block sizes never needs it
@@ -162,13 +164,10 @@ def file_source(fd: int, blksize: int, size: int) -> Union[FileSource, MappedSou
     if size < blksize:
         return SmallSource(fd, blksize)
     if blksize >= MAP_MIN_BLKSIZE:
-        source = MappedSource(fd, blksize, size)
         try:
-            source._map(0, min(size, blksize))
+            return MappedSource(fd, blksize, size)
         except OSError:
             pass
-        else:
-            return source
     return FileSource(fd, blksize, size)
 
 

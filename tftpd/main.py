@@ -12,8 +12,8 @@ from . import cleanup
 from . import log as logsetup
 from . import privileges
 from .access import AccessTable
-from .files import MAP_MIN_BLKSIZE
 from .cli import UsageError, check_default_root, fail, help_text, parse_args, version_text
+from .files import MAP_MIN_BLKSIZE
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -60,6 +60,14 @@ MAX_RTO = 64.0
 SHRANK = "file shrank while being sent"
 
 
+def send_failed(e: OSError) -> None:
+    """A DATA send failed: EFAULT (a mapped page left the file) is raised as
+    the read error it is; anything else (ENOBUFS, EPERM from a firewall...)
+    is a lost datagram, which the timer resends."""
+    if e.errno == errno.EFAULT:
+        raise OSError(errno.EIO, SHRANK) from None
+
+
 def wire_length(packet: Packet) -> int:
     """Bytes on the wire of a packet as sources give them (buffer or pair)."""
     if type(packet) is tuple:
@@ -304,7 +312,29 @@ class Sender(_Transfer):
                 or self.waiting_oack or self.deadline == _INF):
             self._other(data, addr, now)
             return
-        self._ack(data[2] << 8 | data[3], now)
+        # An ACK in the data phase.
+        base = self.base
+        acked = base + ((data[2] << 8 | data[3]) - base) % self.modulus
+        if acked >= self.next:
+            return    # duplicate or future ACK: never retransmit on it (RFC 1123)
+        rto = self.rto
+        if self.retransmitted:
+            self.retransmitted = False
+        else:
+            rto.sample(now - self.sent_at)
+        if not self.answered:
+            self.answered = True
+            self.answered_at = now
+        self.timeouts = 0
+        self.deadline = now + rto.value
+        self.base = acked + 1
+        if acked == self.last:
+            self.completed_at = now
+            self._finish(Outcome.OK)
+            return
+        if acked + 1 < self.next:
+            self.next = acked + 1        # the peer reported a gap: go back
+        self._send_window(now)
 
     def pump(self, recv: Callable[[], int], send: Callable[[Any], object],
              buf: bytearray, clock: Callable[[], float]) -> int:
@@ -370,9 +400,7 @@ class Sender(_Transfer):
                         try:
                             send(pkt)
                         except OSError as e:
-                            if e.errno == errno.EFAULT:   # a mapped page left the file
-                                raise OSError(errno.EIO, SHRANK) from None
-                            # anything else: a lost datagram, the timer resends
+                            send_failed(e)
                         index += 1
                         n = size(pkt)
                         if n < full:
@@ -414,32 +442,6 @@ class Sender(_Transfer):
                     rto.srtt, rto.rttvar, rto.value = srtt, rttvar, v
                 if self.deadline != _INF:     # (timeouts is 0: pump starts after an answer)
                     self.deadline = sent_at + v
-
-    def _ack(self, number: int, now: float) -> bool:
-        """An ACK in the data phase; True if it moved the window."""
-        base = self.base
-        acked = base + (number - base) % self.modulus
-        if acked >= self.next:
-            return False    # duplicate or future ACK: never retransmit on it (RFC 1123)
-        rto = self.rto
-        if self.retransmitted:
-            self.retransmitted = False
-        else:
-            rto.sample(now - self.sent_at)
-        if not self.answered:
-            self.answered = True
-            self.answered_at = now
-        self.timeouts = 0
-        self.deadline = now + rto.value
-        self.base = acked + 1
-        if acked == self.last:
-            self.completed_at = now
-            self._finish(Outcome.OK)
-            return True
-        if acked + 1 < self.next:
-            self.next = acked + 1        # the peer reported a gap: go back
-        self._send_window(now)
-        return True
 
     def _other(self, data: Buffer, addr: Address, now: float) -> None:
         if addr != self.peer:

@@ -20,7 +20,6 @@ which answers strays itself.
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import struct
@@ -28,7 +27,7 @@ import time
 from functools import partial
 
 from .packets import ErrorCode
-from .transfer import SHRANK, Receiver, Sender
+from .transfer import Receiver, Sender, send_failed
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -67,9 +66,7 @@ def make_transmit(sock: socket.socket, trace: Optional[Trace] = None,
             else:
                 sendto(packet, addr)
         except OSError as e:
-            if e.errno == errno.EFAULT:
-                raise OSError(errno.EIO, SHRANK) from None
-            # ENOBUFS, EPERM from a firewall...: a lost datagram, the timer resends
+            send_failed(e)
     if trace is None:
         return transmit
 
