@@ -144,3 +144,22 @@ def test_every_process_runs_as_nobody(tftpd_server, tree: Tree, tmp_path: Path) 
         assert_is_nobody(pid)
     assert "failed" not in server.log()
     assert children(server.proc.pid) == kids, "a serving process died"
+
+
+@pytest.mark.parametrize("cpus, want", [(1, 4), (2, 8), (3, 12), (4, 16), (64, 16)])
+def test_default_processes_is_four_per_cpu_at_most_16(cpus: int, want: int) -> None:
+    from unittest import mock
+
+    from tftpd import main
+    with mock.patch.object(main.os, "sched_getaffinity", return_value=set(range(cpus))):
+        assert main.default_processes() == want
+
+
+def test_default_processes_serve_without_the_flag(tftpd_server, root: Path) -> None:
+    from tftpd import main
+    server = tftpd_server(root=root)
+    want = main.default_processes()
+    assert f"{want} processes" in server.wait_for_log(r"listening on")
+    assert len(children(server.proc.pid)) == want - 1
+    fetch_from_many_ports(server, 3)
+    assert server.stop() == 0

@@ -38,7 +38,7 @@ class Config(Frozen):
     daemon: bool
     pidfile: str
     log_file: Optional[str]     # --log-file (reopened on SIGHUP)
-    processes: int              # --processes (standalone); 0: one per CPU, at most 4
+    processes: int              # --processes (standalone); 0: four per CPU, at most 16
 
     def __init__(self, root: str = "/tftpboot", write_dir: Optional[str] = None,
                  allow_write: bool = False, port: Optional[int] = None,
