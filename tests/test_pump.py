@@ -13,7 +13,9 @@ state lives in local variables: it is written back when ``pump`` returns).
 from __future__ import annotations
 
 import errno
+import os
 import struct
+import tempfile
 from typing import Any, Callable, List, Tuple
 
 import pytest
@@ -21,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from link import CLIENT, BytesSource, Recorder, ack, error, make_oack
+from tftpd import files
 from tftpd.transfer import Outcome, Rto, Sender
 
 Event = Tuple[str, float, bytes]      # ("dgram", time, bytes) or ("timeout", 0.0, b"")
@@ -37,11 +40,25 @@ class GatheredSource(BytesSource):
         return struct.pack("!HH", 3, number), self.view[off:off + self.blksize]
 
 
+def file_source(body: bytes, blksize: int) -> files.FileSource:
+    """The server's own source of a file read in runs (``run()``), over a
+    temporary file holding ``body``."""
+    with tempfile.TemporaryFile() as f:
+        f.write(body)
+        f.flush()
+        fd = os.dup(f.fileno())       # the source outlives the file object
+    return files.FileSource(fd, blksize, len(body))
+
+
 def make(body: bytes, blksize: int, windowsize: int, rollover: int, fixed: bool,
-         oack: bool, gathered: bool = False) -> Tuple[Sender, Recorder]:
+         oack: bool, kind: str = "buffers") -> Tuple[Sender, Recorder]:
     rec = Recorder()
     rto = Rto(0.5, fixed=True) if fixed else Rto(1.0)
-    source = (GatheredSource if gathered else BytesSource)(body, blksize)
+    source: Any
+    if kind == "runs":
+        source = file_source(body, blksize)
+    else:
+        source = (GatheredSource if kind == "pairs" else BytesSource)(body, blksize)
     return Sender(source, CLIENT, rec, blksize=blksize,
                   windowsize=windowsize, rollover=rollover, rto=rto,
                   oack=make_oack(blksize=blksize) if oack else None), rec
@@ -164,29 +181,36 @@ def scenario(draw: Any) -> Tuple[Tuple[Any, ...], List[Event]]:
     return setup, events
 
 
-@pytest.mark.parametrize("gathered", [False, True], ids=["buffers", "pairs"])
+@pytest.mark.parametrize("kind", ["buffers", "pairs", "runs"])
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=scenario())
 def test_pump_behaves_exactly_as_the_general_path(case: Tuple[Tuple[Any, ...], List[Event]],
-                                                  gathered: bool) -> None:
+                                                  kind: str) -> None:
     """... also when the pumped sender's source gives (header, payload) pairs
-    (a mapped file): the same datagrams, byte for byte."""
+    (a mapped file), or runs of packets numbered at once (a file read in
+    runs): the same datagrams, byte for byte."""
     setup, events = case
     a, rec_a = make(*setup)
-    b, rec_b = make(*setup, gathered=gathered)
-    general(a, rec_a, events)
-    pumped(b, rec_b, events)
-    assert rec_b.sent == rec_a.sent
-    assert state(b) == state(a)
+    b, rec_b = make(*setup, kind=kind)
+    try:
+        general(a, rec_a, events)
+        pumped(b, rec_b, events)
+        assert rec_b.sent == rec_a.sent
+        assert state(b) == state(a)
+    finally:
+        if kind == "runs":
+            os.close(b.source.fd)
 
 
 @pytest.mark.parametrize("rollover", [0, 1])
 @pytest.mark.parametrize("windowsize", [1, 3])
-def test_pump_follows_block_numbers_past_65535(rollover: int, windowsize: int) -> None:
-    """70,000 blocks of one byte: the wire numbers wrap to 0 (or 1) once."""
+@pytest.mark.parametrize("kind", ["buffers", "runs"])
+def test_pump_follows_block_numbers_past_65535(rollover: int, windowsize: int, kind: str) -> None:
+    """70,000 blocks of one byte: the wire numbers wrap to 0 (or 1) once
+    (read in runs: a run that would cross 65535 stops there)."""
     body = bytes(i & 0xFF for i in range(70_000))
     a, rec_a = make(body, 1, windowsize, rollover, False, False)
-    b, rec_b = make(body, 1, windowsize, rollover, False, False)
+    b, rec_b = make(body, 1, windowsize, rollover, False, False, kind=kind)
     a.start(0.0)
     t = 0.0
     events: List[Event] = []
@@ -284,3 +308,38 @@ def test_pump_makes_the_next_packet_before_it_waits(windowsize: int) -> None:
     assert log[1 + 2 * w:4 + 2 * w] == [("make", 3 * w + 1), ("recv", 3 * w), ("send", 3 * w + 1)]
     assert log[-2:] == [("make", 4 * w + 1), ("recv", None)]
     assert log.count(("make", 3 * w + 1)) == 1
+
+
+def test_pump_reads_a_run_ahead_of_the_ack_that_needs_it() -> None:
+    """With a source that reads in runs, pump asks for the next run as soon
+    as the window sent ends the current one (before it waits for the ACK), and
+    within a run sends without asking."""
+    log: List[Tuple[str, Any]] = []
+
+    class Runs(BytesSource):
+        def run(self, index: int, number: int) -> List[bytes]:
+            log.append(("run", index))
+            return [self.packet(index + i, number + i) for i in range(2)]
+
+    s = Sender(Runs(bytes(100), 4), CLIENT, Recorder(), blksize=4, rto=Rto(1.0))
+    s.start(0.0)
+    s.receive(memoryview(ack(1)), CLIENT, 0.001)          # answered: pump applies from here
+    log.clear()
+    buf = bytearray(16)
+    acks = iter([2, 3, 4])
+
+    def recv() -> int:
+        number = next(acks, None)
+        log.append(("recv", number))
+        if number is None:
+            raise BlockingIOError(errno.EAGAIN, "timed out")
+        buf[:4] = ack(number)
+        return 4
+
+    def send(packet: Any) -> None:
+        log.append(("send", packet[2] << 8 | packet[3]))
+
+    with pytest.raises(BlockingIOError):
+        s.pump(recv, send, buf, Clock())
+    assert log == [("recv", 2), ("run", 3), ("send", 3), ("recv", 3), ("send", 4),
+                   ("run", 5), ("recv", 4), ("send", 5), ("recv", None)]

@@ -26,7 +26,7 @@ from .transfer import SHRANK
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Optional, Tuple, Union
+    from typing import List, Optional, Tuple, Union
 
     from .transfer import Buffer
 
@@ -38,6 +38,10 @@ MAP_MIN_BLKSIZE = 32 * 1024   # from here on a file is mapped (measured: 10 vs 1
 MAP_WINDOW = 2 * 1024 * 1024  # mapped at once: bounds the file pages each transfer maps
 MAX_SLOTS = 256            # iovecs per preadv (IOV_MAX is 1024)
 _HDR = struct.Struct("!HH")
+# The high and low bytes of the block numbers n, n+1, ... are _HIGH[n:] and
+# _LOW[n:] (a run of up to MAX_SLOTS from any n < 65536).
+_LOW = bytes(range(256)) * 258
+_HIGH = b"".join(bytes((i,)) * 256 for i in range(256)) + bytes(512)
 TEMP_PREFIX = ".tftpd-"
 TEMP_SUFFIX = ".part"
 
@@ -49,9 +53,10 @@ class FileSource:
     block; one ``preadv`` scatters a run of blocks into the slots' payload
     areas, and ``packet()`` writes the header in place and returns the slot
     as a memoryview: the driver sends it with one ``sendto``, no copy.
+    ``run()`` numbers a whole run at once, for a caller that walks it.
     """
 
-    __slots__ = ("fd", "blksize", "buf", "slot", "payloads", "packets",
+    __slots__ = ("fd", "blksize", "buf", "view", "slot", "payloads", "packets",
                  "first", "count", "tail", "eof")
 
     def __init__(self, fd: int, blksize: int, size_hint: int) -> None:
@@ -61,7 +66,8 @@ class FileSource:
         blocks = size_hint // blksize + 1                  # the whole file
         n = max(1, min(blocks, READ_CHUNK // blksize, MAX_SLOTS))
         self.buf = bytearray(slot * n)
-        view = memoryview(self.buf)
+        self.view = view = memoryview(self.buf)
+        view[1::slot] = b"\x03" * n                       # every slot is a DATA packet
         self.payloads = [view[i * slot + 4:(i + 1) * slot] for i in range(n)]
         self.packets = [view[i * slot:(i + 1) * slot] for i in range(n)]
         self.first = 0        # block index held in slot 0 (0: nothing loaded)
@@ -77,6 +83,25 @@ class FileSource:
             self.count, self.tail, self.eof = full, self.blksize, False
         else:                 # end of file: a short (maybe empty) last block
             self.count, self.tail, self.eof = full + 1, rest, True
+
+    def run(self, index: int, number: int) -> List[memoryview]:
+        """The packets of blocks ``index``, ``index + 1``... that one read
+        brings in (at least one: the last may be short, or empty), numbered
+        from ``number``.  A run ends where the numbers would pass 65535: the
+        caller numbers the next one (the numbering wraps to 0 or 1).  The
+        packets are valid until the next ``run()`` or ``packet()``."""
+        self._load(index)
+        count, slot = self.count, self.slot
+        if number + count > 65536:
+            count = 65536 - number
+        end = number + len(self.packets)
+        self.view[2::slot] = _HIGH[number:end]
+        self.view[3::slot] = _LOW[number:end]
+        if count < self.count or not self.eof:
+            return self.packets[:count]
+        out = self.packets[:count - 1]
+        out.append(self.packets[count - 1][:4 + self.tail])
+        return out
 
     def packet(self, index: int, number: int) -> memoryview:
         i = index - self.first

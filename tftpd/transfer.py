@@ -31,7 +31,7 @@ from .packets import ErrorCode, Opcode, error_packet
 # Types are for mypy only: importing typing costs every inetd start ~4 ms.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable, Optional, Protocol, Tuple, Union
+    from typing import Any, Callable, List, Optional, Protocol, Tuple, Union
 
     Address = Tuple[Any, ...]  # (host, port) or (host, port, flowinfo, scope_id)
     Buffer = Union[bytes, bytearray, memoryview]
@@ -139,6 +139,9 @@ class Source(Protocol):
     ``Sender.pump`` asks for the next window's first packet while it waits
     for the ACK (a source that reads in runs thereby reads ahead), so a
     packet must stay valid until the next call, whatever is sent meanwhile.
+    A source may also offer ``run(index, number)``, the packets of blocks
+    ``index``, ``index + 1``... that it holds, numbered from ``number`` (no
+    wrap within), valid until its next call: the pump then indexes a list.
     """
 
     def packet(self, index: int, number: int) -> Packet: ...
@@ -367,17 +370,21 @@ class Sender(_Transfer):
         srtt, rttvar, value = rto.srtt, rto.rttvar, rto.value
         v = value
         source: Any = self.source
-        packet = source.packet
+        run = getattr(source, "run", None)
+        if run is None:
+            packet = source.packet
+
+            def run(index: int, number: int) -> List[Packet]:
+                return [packet(index, number)]
         size = wire_length if getattr(source, "gathered", False) else len
         full = self.blksize + 4
         last = last_len = 0
         moved = False
         pack = _DATA_HDR.pack
         head = memoryview(buf)[:4]
-        want = self.wire.number(nxt - 1)          # the last block sent,
-        expect = pack(4, want)                    # and the ACK that moves the window
-        ready = ready_want = 0                    # the block whose packet is made: ready_pkt
-        ready_pkt: Any = None
+        expect = pack(4, self.wire.number(nxt - 1))     # the ACK that moves the window
+        pkts: Any = ()            # the packets made of blocks lo .. hi - 1
+        lo = hi = 0
         failed: Optional[OSError] = None
         try:
             while True:
@@ -385,18 +392,19 @@ class Sender(_Transfer):
                 if n != 4 or head != expect:
                     return n          # not that ACK (a duplicate, a gap...): the general path
                 # The block's critical path is read ACK -> send DATA: the
-                # first packet of the window is made beforehand, and the
-                # round trip is sampled once the window is out.
+                # packets are made a run at a time, the next window's first
+                # before the ACK comes, and the round trip is sampled once
+                # the window is out.
                 moved = True
                 base = index = nxt
                 end = base + window
                 try:
                     while index < end:
-                        if ready == index:
-                            want, pkt = ready_want, ready_pkt
-                        else:
-                            want = index if index <= 65535 else (index - wrap) % modulus + wrap
-                            pkt = packet(index, want)
+                        if index >= hi:
+                            pkts = run(index, index if index <= 65535
+                                       else (index - wrap) % modulus + wrap)
+                            lo, hi = index, index + len(pkts)
+                        pkt = pkts[index - lo]
                         try:
                             send(pkt)
                         except OSError as e:
@@ -410,14 +418,16 @@ class Sender(_Transfer):
                     failed = e
                 nxt = index
                 now = clock()
-                expect = pack(4, want)
+                index -= 1            # the last block sent
+                expect = pack(4, index if index <= 65535 else (index - wrap) % modulus + wrap)
                 if not fixed:         # Rto.sample (RFC 6298)
                     rtt = now - sent_at
                     if srtt < 0:
                         srtt, rttvar = rtt, rtt / 2
                     else:
-                        rttvar += 0.25 * ((srtt - rtt if srtt > rtt else rtt - srtt) - rttvar)
-                        srtt += 0.125 * (rtt - srtt)
+                        rtt -= srtt
+                        rttvar += 0.25 * ((rtt if rtt > 0 else -rtt) - rttvar)
+                        srtt += 0.125 * rtt
                     v = srtt + 4 * rttvar
                     v = floor if v < floor else cap if v > cap else v
                 sent_at = now
@@ -427,12 +437,12 @@ class Sender(_Transfer):
                     return -1
                 if last or v != value:
                     return -1         # the end is in flight, or the timer moved
-                try:                  # the next window's first packet, while the peer works
-                    ready_want = nxt if nxt <= 65535 else (nxt - wrap) % modulus + wrap
-                    ready_pkt = packet(nxt, ready_want)
-                    ready = nxt
-                except OSError:
-                    ready = 0         # made again when due: the error is reported then
+                if nxt >= hi:         # the next window's first packet, while the peer works
+                    try:
+                        pkts = run(nxt, nxt if nxt <= 65535 else (nxt - wrap) % modulus + wrap)
+                        lo, hi = nxt, nxt + len(pkts)
+                    except OSError:
+                        pass          # made again when due: the error is reported then
         finally:
             if moved:                 # write the state back
                 self.base, self.next, self.sent_at = base, nxt, sent_at
