@@ -269,6 +269,27 @@ def test_pump_leaves_everything_but_a_window_ack_to_the_general_path() -> None:
     assert [p[1] for p, _ in rec.sent] == [6]          # only the OACK so far
 
 
+def pump_logged(s: Sender, acks: List[int], log: List[Tuple[str, Any]]) -> None:
+    """Pump ``s`` through the ACKs of ``acks``, then a timeout, logging each
+    ("recv", number) and each ("send", block number) in ``log``."""
+    buf = bytearray(16)
+    pending = iter(acks)
+
+    def recv() -> int:
+        number = next(pending, None)
+        log.append(("recv", number))
+        if number is None:
+            raise BlockingIOError(errno.EAGAIN, "timed out")
+        buf[:4] = ack(number)
+        return 4
+
+    def send(packet: Any) -> None:
+        log.append(("send", packet[2] << 8 | packet[3]))
+
+    with pytest.raises(BlockingIOError):
+        s.pump(recv, send, buf, Clock())
+
+
 @pytest.mark.parametrize("windowsize", [1, 4])
 def test_pump_makes_the_next_packet_before_it_waits(windowsize: int) -> None:
     """Between sending a window and reading its ACK, pump already asks the
@@ -287,22 +308,7 @@ def test_pump_makes_the_next_packet_before_it_waits(windowsize: int) -> None:
     s.start(0.0)
     s.receive(memoryview(ack(w)), CLIENT, 0.001)       # answered: pump applies from here
     log.clear()
-    buf = bytearray(16)
-    acks = iter([2 * w, 3 * w])
-
-    def recv() -> int:
-        number = next(acks, None)
-        log.append(("recv", number))
-        if number is None:
-            raise BlockingIOError(errno.EAGAIN, "timed out")
-        buf[:4] = ack(number)
-        return 4
-
-    def send(packet: Any) -> None:
-        log.append(("send", packet[2] << 8 | packet[3]))
-
-    with pytest.raises(BlockingIOError):
-        s.pump(recv, send, buf, Clock())
+    pump_logged(s, [2 * w, 3 * w], log)
     window = [e for i in range(2 * w + 1, 3 * w + 1) for e in (("make", i), ("send", i))]
     assert log[:1 + 2 * w] == [("recv", 2 * w)] + window
     assert log[1 + 2 * w:4 + 2 * w] == [("make", 3 * w + 1), ("recv", 3 * w), ("send", 3 * w + 1)]
@@ -325,21 +331,6 @@ def test_pump_reads_a_run_ahead_of_the_ack_that_needs_it() -> None:
     s.start(0.0)
     s.receive(memoryview(ack(1)), CLIENT, 0.001)          # answered: pump applies from here
     log.clear()
-    buf = bytearray(16)
-    acks = iter([2, 3, 4])
-
-    def recv() -> int:
-        number = next(acks, None)
-        log.append(("recv", number))
-        if number is None:
-            raise BlockingIOError(errno.EAGAIN, "timed out")
-        buf[:4] = ack(number)
-        return 4
-
-    def send(packet: Any) -> None:
-        log.append(("send", packet[2] << 8 | packet[3]))
-
-    with pytest.raises(BlockingIOError):
-        s.pump(recv, send, buf, Clock())
+    pump_logged(s, [2, 3, 4], log)
     assert log == [("recv", 2), ("run", 3), ("send", 3), ("recv", 3), ("send", 4),
                    ("run", 5), ("recv", 4), ("send", 5), ("recv", None)]
