@@ -163,3 +163,18 @@ def test_default_processes_serve_without_the_flag(tftpd_server, root: Path) -> N
     assert len(children(server.proc.pid)) == want - 1
     fetch_from_many_ports(server, 3)
     assert server.stop() == 0
+
+
+def test_a_second_server_on_the_port_refuses_to_start(tftpd_server, root: Path) -> None:
+    """SO_REUSEPORT would let a second tftpd of the same user share the port
+    (and split the requests with the first) without a word: it must fail to
+    bind, as any server on a busy port does, and the first keeps serving."""
+    from test_cli import hermetic, tftpd
+    server = tftpd_server(root=root)
+    assert len(children(server.proc.pid)) >= 1          # several processes: SO_REUSEPORT in use
+    r = tftpd("-p", str(server.port), "--address", server.addr[0], "--root", str(root),
+              *hermetic(root.parent))
+    assert r.returncode == 1, r.stderr
+    assert f"cannot bind {server.addr[0]} port {server.port}: Address already in use" in r.stderr
+    fetch_from_many_ports(server, 3)
+    assert server.stop() == 0

@@ -769,21 +769,24 @@ def bind_standalone(port: int, address: Optional[str],
     """Bind the request socket: ``[::]`` dual-stack where possible, else
     0.0.0.0.  ``reuse_port``: with SO_REUSEPORT, for ``bind_siblings``.
 
-    Port 0 with ``reuse_port``: the free port is found by a bind without
-    SO_REUSEPORT first (with the flag, the kernel may hand out a port that
-    another SO_REUSEPORT socket of the same user holds, e.g. a transfer's)."""
-    if port == 0 and reuse_port:
-        for _ in range(20):
-            probe = _bind_request_socket(0, address, False)
-            port = probe.getsockname()[1]
-            probe.close()
-            try:
-                return _bind_request_socket(port, address, True)
-            except OSError as e:
-                if e.errno != errno.EADDRINUSE:
-                    raise
-        raise OSError(errno.EADDRINUSE, "no free port found")
-    return _bind_request_socket(port, address, reuse_port)
+    With ``reuse_port`` the port is first bound without SO_REUSEPORT: that
+    bind fails if anyone holds the port, another tftpd included (the flag
+    alone would let a second server of the same user share the port, and
+    the requests, without a word); for port 0 it finds a free port (with the
+    flag, the kernel may hand out one that another SO_REUSEPORT socket of the
+    same user holds, e.g. a transfer's)."""
+    if not reuse_port:
+        return _bind_request_socket(port, address, False)
+    for _ in range(20):
+        probe = _bind_request_socket(port, address, False)
+        free = probe.getsockname()[1]
+        probe.close()
+        try:
+            return _bind_request_socket(free, address, True)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or port:
+                raise
+    raise OSError(errno.EADDRINUSE, "no free port found")
 
 
 def _bind_request_socket(port: int, address: Optional[str],
