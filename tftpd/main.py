@@ -119,7 +119,7 @@ def _setup_log(config: Config, stderr: bool) -> bool:
     return True
 
 
-PROCESSES_PER_CPU = 4    # storm of 200 on 2 CPUs: 1 per CPU 17-19 s, 2 per CPU 13-14 s, 4 per CPU 9-11 s
+PROCESSES_PER_CPU = 4    # storm of 200 on 2 CPUs: 1 per CPU 17-19 s, 2 per CPU 13-14 s, 4 per CPU 9-13 s
 MAX_DEFAULT_PROCESSES = 16
 _HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
 
