@@ -1254,6 +1254,29 @@ def test_pool_reuses_an_idle_thread_and_survives_a_failing_job(monkeypatch) -> N
     assert pool.close(timeout=10) and pool.threads == 0
 
 
+def test_pool_closed_by_its_idle_callback_ends_the_thread_cleanly(monkeypatch) -> None:
+    """Inetd mode: the last job's end calls ``on_idle``, the request loop exits
+    and closes the pool while that worker is going idle. close() wakes it from
+    the idle list; the worker must not wake itself a second time (that raised
+    "release unlocked lock" in the thread, seen once in CI)."""
+    import threading
+
+    from tftpd.server import Pool
+
+    failed: List[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: failed.append(args.exc_value))
+    closed: List[bool] = []
+    pool = Pool(2, 3, lambda job: None,                               # type: ignore[arg-type]
+                on_idle=lambda: closed.append(pool.close(timeout=10)))
+    assert pool.submit(object())                                      # type: ignore[arg-type]
+    deadline = time.monotonic() + 10
+    while pool.threads or any(t.name == "tftpd-worker" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the worker thread outlived close()"
+        time.sleep(0.001)
+    assert closed == [True]
+    assert failed == []
+
+
 @pytest.mark.parametrize("kind", ["epoll", "poll"])
 def test_poller_reports_readable_sockets_with_what_they_are_for(monkeypatch, kind: str) -> None:
     """The request loop's poller: epoll, or poll where there is no epoll."""

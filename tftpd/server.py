@@ -253,15 +253,18 @@ class Pool:
                 return self.jobs.popleft()
             self.busy -= 1
             idle = not self.busy and not self.jobs
+            # decided here, not after the lock: close() may run from then on
             if me is None or self.closed:
+                leaving = True
                 self.threads -= 1
             else:
-                self.idle.append(me)
+                leaving = False
+                self.idle.append(me)  # close() wakes it from now on
             if self.waiting:
                 self.done.notify_all()
         if idle and self.on_idle is not None:
             self.on_idle()
-        if me is not None and self.closed:
+        if me is not None and leaving:
             me.job = None              # ends the thread (its wake was not released)
             me.wake.release()
         return None
