@@ -21,6 +21,7 @@ import pytest
 
 from conftest import ROOT, need
 from scripted_client import TftpFailure, fetch
+from test_server import wait_until_no_process_takes_requests
 
 BIG = bytes(range(256)) * 40          # 10240 bytes: 21 blocks of 512
 
@@ -252,6 +253,7 @@ def test_sigterm_lets_a_slow_transfer_finish_then_removes_pidfile(daemons: Daemo
     wait_log(log, "stopping: waiting up to")
     assert alive(pid) and pidfile.exists()
     # no new requests are taken while the transfer finishes
+    wait_until_no_process_takes_requests(port)
     with pytest.raises(TftpFailure):
         fetch(("127.0.0.1", port), "small.txt", timeout=0.3, retries=1)
     t.join(20)

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import need
 from scripted_client import TftpFailure, fetch, request
+from test_server import wait_until_no_process_takes_requests
 
 BIG = bytes(range(256)) * 40          # 10240 bytes: 21 blocks of 512, 10 of 1024
 
@@ -211,6 +212,7 @@ def test_signal_stops_taking_requests_and_lets_transfers_finish(tftpd_server, ro
     time.sleep(0.4)
     srv.proc.send_signal(sig)
     srv.wait_for_log(r"stopping: waiting up to 60 s for 1 transfer")
+    wait_until_no_process_takes_requests(srv.port)
     with pytest.raises(TftpFailure):
         fetch(srv.addr, "small.txt", timeout=0.3, retries=1)
     t.join(20)

@@ -440,6 +440,15 @@ def udp_sockets_on(port: int, family: int) -> List[str]:
     return sorted(out)
 
 
+def wait_until_no_process_takes_requests(port: int, family: int = socket.AF_INET) -> None:
+    """After a stop signal: the main process passes it on to the other serving
+    processes, and each closes its request socket once it has it."""
+    deadline = time.monotonic() + 10
+    while "unconnected" in udp_sockets_on(port, family):
+        assert time.monotonic() < deadline, "a serving process still takes requests"
+        time.sleep(0.02)
+
+
 # A transfer of at least server.CONNECT_MIN_BLOCKS blocks runs on a socket
 # connected to its peer, strays going to a catcher on the same port; a
 # shorter one on one unconnected socket, where the engine answers strays.
