@@ -16,6 +16,7 @@ import pytest
 
 from conftest import need
 from scripted_client import TftpFailure, fetch, request
+from test_processes import children, logged_pids
 from test_server import wait_until_no_process_takes_requests
 
 BIG = bytes(range(256)) * 40          # 10240 bytes: 21 blocks of 512, 10 of 1024
@@ -153,12 +154,13 @@ def test_sigusr1_sigusr2_toggle_socket_debugging(tftpd_server, root) -> None:
     assert fetch(srv.addr, "small.txt") == b"small\n"
     time.sleep(0.2)
     assert not traces(srv.lines)
+    every = {srv.proc.pid, *children(srv.proc.pid)}   # the signals are passed on to each
     srv.proc.send_signal(signal.SIGUSR1)
-    srv.wait_for_log(r"socket debugging on")
+    assert logged_pids(srv, r"socket debugging on", len(every)) == every
     assert fetch(srv.addr, "small.txt") == b"small\n"
     wait_lines(srv.lines, r"trace .* < ACK 1$")
     srv.proc.send_signal(signal.SIGUSR2)
-    srv.wait_for_log(r"socket debugging off")
+    assert logged_pids(srv, r"socket debugging off", len(every)) == every
     before = len(traces(srv.lines))
     assert fetch(srv.addr, "big.bin") == BIG
     time.sleep(0.3)
@@ -175,7 +177,8 @@ def test_sighup_reopens_the_log_file(tftpd_server, root, tmp_path: Path) -> None
     rotated = tmp_path / "tftpd.log.1"
     log.rename(rotated)                              # what logrotate does
     srv.proc.send_signal(signal.SIGHUP)
-    srv.wait_for_log(r"SIGHUP: logs reopened")
+    every = {srv.proc.pid, *children(srv.proc.pid)}   # each serving process reopens its own log
+    assert logged_pids(srv, r"SIGHUP: logs reopened", len(every)) == every
     assert fetch(srv.addr, "big.bin") == BIG
     srv.wait_for_log(r"RRQ from .* big\.bin")
     time.sleep(0.1)
