@@ -382,7 +382,8 @@ class Sender(_Transfer):
         moved = False
         pack = _DATA_HDR.pack
         head = memoryview(buf)[:4]
-        expect = pack(4, self.wire.number(nxt - 1))     # the ACK that moves the window
+        wire_number = self.wire.number                  # (per run; inline per window below)
+        expect = pack(4, wire_number(nxt - 1))          # the ACK that moves the window
         pkts: Any = ()            # the packets made of blocks lo .. hi - 1
         lo = hi = 0
         failed: Optional[OSError] = None
@@ -401,8 +402,7 @@ class Sender(_Transfer):
                 try:
                     while index < end:
                         if index >= hi:
-                            pkts = run(index, index if index <= 65535
-                                       else (index - wrap) % modulus + wrap)
+                            pkts = run(index, wire_number(index))
                             lo, hi = index, index + len(pkts)
                         pkt = pkts[index - lo]
                         try:
@@ -439,7 +439,7 @@ class Sender(_Transfer):
                     return -1         # the end is in flight, or the timer moved
                 if nxt >= hi:         # the next window's first packet, while the peer works
                     try:
-                        pkts = run(nxt, nxt if nxt <= 65535 else (nxt - wrap) % modulus + wrap)
+                        pkts = run(nxt, wire_number(nxt))
                         lo, hi = nxt, nxt + len(pkts)
                     except OSError:
                         pass          # made again when due: the error is reported then
