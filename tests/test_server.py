@@ -517,6 +517,7 @@ def test_wrong_tid_gets_error_5_and_transfer_continues(shared: ServerProcess, ki
 
 def test_duplicate_request_while_running_is_not_a_second_transfer(shared: ServerProcess) -> None:
     content = (shared.root / "f5000.bin").read_bytes()
+    before = len(shared.lines)
     with Peer(shared.addr) as peer:
         request = rrq("f5000.bin", options={"timeout": "10"})
         peer.send(request)
@@ -539,13 +540,16 @@ def test_duplicate_request_while_running_is_not_a_second_transfer(shared: Server
     assert bytes(got) == content
     assert peer.sources() == {tid}
     port = peer.port
-    assert_one_transfer_logged(shared, port, "f5000.bin")
+    assert_one_transfer_logged(shared, port, "f5000.bin", since=before)
 
 
-def assert_one_transfer_logged(server: ServerProcess, port: int, name: str) -> None:
-    """The -v log has exactly one line for this client port (one transfer of name)."""
-    assert wait_until(lambda: any(f":{port} " in l and name in l for l in server.lines))
-    assert sum(f":{port} " in l for l in server.lines) == 1, server.log()
+def assert_one_transfer_logged(server: ServerProcess, port: int, name: str,
+                               since: int = 0) -> None:
+    """The -v log has exactly one line for this client port (one transfer of
+    name) from line ``since`` on (on a shared server an earlier test's client
+    may have had the same ephemeral port)."""
+    assert wait_until(lambda: any(f":{port} " in l and name in l for l in server.lines[since:]))
+    assert sum(f":{port} " in l for l in server.lines[since:]) == 1, server.log()
 
 
 def test_peer_that_never_acks(tftpd_server, tmp_path: Path, host: str) -> None:
@@ -1284,6 +1288,166 @@ def test_pool_closed_by_its_idle_callback_ends_the_thread_cleanly(monkeypatch) -
         time.sleep(0.001)
     assert closed == [True]
     assert failed == []
+
+
+def test_pool_leader_runs_the_jobs_it_reads_itself() -> None:
+    """Leader/follower: a thread whose job ended, with nothing queued, finds
+    the next job itself (``lead``) and runs it on its own thread, leading on;
+    a job that calls ``resign()`` gives the role back (``on_lead(False)``)
+    when no other thread is idle, and its thread takes it again after."""
+    import queue
+    import threading
+
+    from tftpd.server import Pool
+
+    feed: "queue.Queue[object]" = queue.Queue()
+    ran: "queue.Queue[int]" = queue.Queue()
+    told: List[bool] = []
+    leaders: List[int] = []
+    long = object()
+    pool: Pool
+
+    def run(job: object) -> None:
+        if job is long:
+            pool.resign()
+        ran.put(threading.get_ident())
+
+    def lead() -> object:
+        leaders.append(threading.get_ident())
+        return feed.get(timeout=10)
+
+    pool = Pool(4, 10, run, lead=lead, on_lead=told.append)           # type: ignore[arg-type]
+    assert pool.submit(object())                                      # type: ignore[arg-type]
+    first = ran.get(timeout=10)
+    for _ in range(3):
+        feed.put(object())
+        assert ran.get(timeout=10) == first
+    assert wait_until(lambda: len(leaders) == 4, step=0.001)
+    assert pool.threads == 1 and set(leaders) == {first} and pool.leader
+    assert told == [True]                   # taken once, kept
+    feed.put(long)
+    assert ran.get(timeout=10) == first
+    assert wait_until(lambda: len(leaders) == 5, step=0.001)
+    assert told == [True, False, True] and pool.leader
+    feed.put(None)                          # lead() found nothing: idle
+    assert wait_until(lambda: not pool.leader, step=0.001)
+    assert told[-1] is False and pool.pending() == 0
+    assert pool.submit(object()) and ran.get(timeout=10) == first      # type: ignore[arg-type]
+    assert wait_until(lambda: pool.leader, step=0.001)
+    feed.put(None)
+    assert pool.close(timeout=10)
+    assert wait_until(lambda: all(t.ident != first for t in threading.enumerate()))
+    assert pool.threads == 0
+
+
+def test_pool_leader_resigning_passes_the_role_to_an_idle_thread() -> None:
+    """A leader whose job resigns wakes an idle thread to lead in its place
+    instead of giving the role back to whoever submits."""
+    import queue
+    import threading
+
+    from tftpd.server import Pool
+
+    gate = threading.Event()
+    feed: "queue.Queue[object]" = queue.Queue()
+    told: List[bool] = []
+    leaders: List[int] = []
+    ran: List[int] = []
+    long = object()
+    pool: Pool
+
+    def run(job: object) -> None:
+        ran.append(threading.get_ident())
+        if job is long:
+            pool.resign()
+        if job is long or len(ran) <= 2:
+            gate.wait(10)
+
+    def lead() -> object:
+        leaders.append(threading.get_ident())
+        return feed.get(timeout=10)
+
+    pool = Pool(2, 10, run, lead=lead, on_lead=told.append)          # type: ignore[arg-type]
+    assert pool.submit(object()) and pool.submit(object())            # type: ignore[arg-type]
+    assert wait_until(lambda: len(ran) == 2, step=0.001)
+    gate.set()                                # both end: one leads, one idles
+    assert wait_until(lambda: pool.leader and len(pool.idle) == 1 and len(leaders) == 1)
+    gate.clear()
+    feed.put(long)                            # the leader takes it and resigns
+    assert wait_until(lambda: len(leaders) == 2, step=0.001)
+    assert leaders[0] != leaders[1] and told == [True] and pool.leader
+    assert pool.pending() == 1 and ran[-1] == leaders[0]
+    gate.set()
+    assert wait_until(lambda: not pool.pending(), step=0.001)   # the first one idles
+    assert pool.leader and len(pool.idle) == 1 and len(leaders) == 2
+    feed.put(None)
+    assert wait_until(lambda: not pool.leader, step=0.001)
+    assert told == [True, False]
+    assert pool.close(timeout=10)
+    assert wait_until(lambda: all(t.ident not in leaders for t in threading.enumerate()))
+
+
+def test_a_quiet_server_serves_requests_without_its_request_loop(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """Sequential requests: once one transfer has ended, its worker reads the
+    next request itself; the request loop reads only the first.  A request
+    that comes while the leader serves goes to a second worker.  Stopping the
+    server stops the leading worker."""
+    import threading
+
+    from tftpd.access import AccessTable
+    from tftpd.config import Config
+    from tftpd.server import Server
+
+    root = tmp_path / "root"
+    root.mkdir()
+    put(root, "f.bin", b"x" * 100)
+    cfg = Config(root=str(root), access_file=str(tmp_path / "none.ctl"))
+    listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listen.bind(("127.0.0.1", 0))
+    server = Server(cfg, [listen], AccessTable(cfg.access_file, [str(root)]))
+    read_by_loop: List[int] = []
+    original = server._read_requests
+    loop = threading.Thread(target=server.serve)
+    monkeypatch.setattr(server, "_read_requests", lambda sock, buf: (
+        read_by_loop.append(1) if threading.current_thread() is loop else None,
+        original(sock, buf)))
+    loop.start()
+    try:
+        for i in range(5):
+            deadline = time.monotonic() + 10
+            while i and not (server.pool.leader and not server.pool.pending()):
+                assert time.monotonic() < deadline, "no worker took the lead"
+                time.sleep(0.001)
+            with Peer(listen.getsockname()) as peer:
+                peer.send(rrq("f.bin"))
+                pkt, tid = peer.expect(op=DATA)
+                assert pkt.payload == b"x" * 100
+                peer.send(ack(1), tid)
+        assert len(read_by_loop) == 1 and server.pool.threads == 1
+        # While the leader serves a small file (its DATA not yet ACKed), it
+        # hands a second client's request to another worker.
+        with Peer(listen.getsockname()) as first, Peer(listen.getsockname()) as second:
+            first.send(rrq("f.bin"))
+            _, tid1 = first.expect(op=DATA)
+            second.send(rrq("f.bin"))
+            pkt, tid2 = second.expect(op=DATA)
+            assert pkt.payload == b"x" * 100 and tid2 != tid1
+            second.send(ack(1), tid2)
+            first.send(ack(1), tid1)
+        deadline = time.monotonic() + 10
+        while server.pool.pending():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert len(read_by_loop) == 1 and server.pool.threads == 2
+    finally:
+        server.stop()
+        loop.join(10)
+    assert not loop.is_alive()
+    deadline = time.monotonic() + 10
+    while any(t.name == "tftpd-worker" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the leading worker outlived the server"
+        time.sleep(0.001)
 
 
 @pytest.mark.parametrize("kind", ["epoll", "poll"])

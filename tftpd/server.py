@@ -56,7 +56,8 @@ _ANC_SIZE = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12) + socket.CMSG_SPACE(16
 _REQUEST_MAX = 65536
 _THREAD_STACK = 512 * 1024
 _SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", None)
-_REQUESTS, _STRAYS, _WAKE = 0, 1, 2    # what a descriptor of the request loop is for
+_REQUESTS, _STRAYS, _WAKE, _GROUP = 0, 1, 2, 3   # what a descriptor of the request loop is for
+_LEADER_BATCH = 64     # datagrams a leading worker reads in a row looking for a request
 _STRAY_BATCH = 64      # strays answered per catcher per wake-up of the request loop
 # A transfer socket is connected (with a stray catcher beside it) only when the
 # transfer is expected to be at least this many blocks: the set-up costs about
@@ -177,16 +178,20 @@ def show(peer: Address) -> str:
     return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
 
 
+_LEAD: Any = object()      # a job that says: read the next job yourself (Pool.lead)
+
+
 class _Idle:
     """A worker thread waiting for its next job: ``submit`` sets ``job`` and
     releases ``wake``, which the thread is blocked on (None: exit)."""
 
-    __slots__ = ("wake", "job")
+    __slots__ = ("wake", "job", "ident")
 
     def __init__(self) -> None:
         self.wake = threading.Lock()
         self.wake.acquire()
         self.job: Optional[Job] = None
+        self.ident = threading.get_ident()
 
 
 class Pool:
@@ -197,14 +202,29 @@ class Pool:
     ``limit`` run, else into the queue, which threads empty before they go
     idle.  ``on_idle`` is called (in the worker) each time the last pending
     job ends.
+
+    With ``lead`` (leader/follower), one thread at a time finds jobs itself:
+    a thread whose job ended, with nothing queued and no leader, calls
+    ``lead()``, which blocks until it has a job (None: stop leading), and
+    runs that job itself: no other thread is woken.  It stays the leader
+    while it runs it (and may ``submit`` jobs it finds meanwhile) unless the
+    job calls ``resign()``: the role then goes to an idle thread, else back to
+    whoever submits (``on_lead(False)``; ``on_lead(True)`` when a thread
+    takes it from them).  ``on_lead`` is called under the pool's lock.
     """
 
     def __init__(self, limit: int, queue_limit: int, run: Callable[[Job], None],
-                 on_idle: Optional[Callable[[], None]] = None) -> None:
+                 on_idle: Optional[Callable[[], None]] = None,
+                 lead: Optional[Callable[[], Optional[Job]]] = None,
+                 on_lead: Optional[Callable[[bool], None]] = None) -> None:
         self.limit = limit
         self.queue_limit = queue_limit
         self.run = run
         self.on_idle = on_idle
+        self.lead = lead
+        self.on_lead = on_lead
+        self.leading: Optional[_Idle] = None        # the leader thread
+        self.leader_runs = False                     # ... runs a job (is out of lead())
         self.jobs: Deque[Job] = collections.deque()
         self.lock = threading.Lock()
         self.done = threading.Condition(self.lock)   # close() waits on it
@@ -213,6 +233,53 @@ class Pool:
         self.threads = 0
         self.busy = 0
         self.closed = False
+
+    @property
+    def leader(self) -> bool:
+        return self.leading is not None
+
+    def is_leading(self) -> bool:
+        """Is the calling thread the leader?  (Only it can change that.)"""
+        leading = self.leading
+        return leading is not None and leading.ident == threading.get_ident()
+
+    def resign(self) -> None:
+        """Called by the leader's job: pass the role on now."""
+        with self.lock:
+            if self.is_leading():
+                self._pass_lead()
+
+    def _pass_lead(self) -> None:
+        self.leader_runs = False
+        if self.idle and not self.closed:
+            waiter = self.idle.pop()
+            self.leading = waiter
+            waiter.job = _LEAD
+            waiter.wake.release()
+        else:
+            self.leading = None
+            self._tell_lead(False)
+
+    def _tell_lead(self, taken: bool) -> None:
+        if self.on_lead is not None:
+            self.on_lead(taken)
+        if not taken and self.waiting:
+            self.done.notify_all()
+
+    def wait_unled(self, timeout: float) -> bool:
+        """Wait until no thread is in ``lead()`` (told to stop); True if so."""
+        end = time.monotonic() + timeout
+        with self.lock:
+            self.waiting += 1
+            try:
+                while self.leading is not None and not self.leader_runs:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self.done.wait(left)
+            finally:
+                self.waiting -= 1
+        return True
 
     def submit(self, job: Job) -> bool:
         with self.lock:
@@ -235,6 +302,9 @@ class Pool:
     def _loop(self, job: Optional[Job]) -> None:
         me = _Idle()
         while job is not None:
+            if job is _LEAD:
+                job = self._lead(me)
+                continue
             try:
                 self.run(job)
             except BaseException:
@@ -245,18 +315,61 @@ class Pool:
                 me.wake.acquire()          # until submit() or close()
                 job, me.job = me.job, None
 
+    def _lead(self, me: _Idle) -> Optional[Job]:
+        """Lead: the job ``lead()`` found (this thread runs it, leading on),
+        else the next job given to this thread once idle; None: it ends."""
+        assert self.lead is not None
+        try:
+            job = self.lead()
+        except BaseException:
+            with self.lock:
+                self.leading = None
+                self._tell_lead(False)
+                self.threads -= 1
+            raise
+        with self.lock:
+            if job is not None:
+                self.busy += 1
+                self.leader_runs = True
+                if self.waiting:
+                    self.done.notify_all()
+                return job
+            self.leading = None
+            self._tell_lead(False)
+            if self.closed:
+                self.threads -= 1
+                return None
+            self.idle.append(me)
+        me.wake.acquire()
+        job, me.job = me.job, None
+        return job
+
     def _finished(self, me: Optional[_Idle]) -> Optional[Job]:
-        """A job ended: the next queued one, or None (``me`` is then idle, or
-        this thread ends: on close, or ``me`` None after an exception)."""
+        """A job ended: the next queued one, or _LEAD (lead on, or take the
+        lead), or None (``me`` is then idle, or this thread ends: on close,
+        or ``me`` None after an exception)."""
         with self.lock:
             if self.jobs and me is not None:
                 return self.jobs.popleft()
             self.busy -= 1
             idle = not self.busy and not self.jobs
+            lead = False
             # decided here, not after the lock: close() may run from then on
             if me is None or self.closed:
                 leaving = True
                 self.threads -= 1
+                if self.is_leading():
+                    self._pass_lead()
+            elif self.leading is me:
+                leaving = False
+                lead = True
+                self.leader_runs = False
+            elif self.lead is not None and self.leading is None:
+                leaving = False
+                lead = True
+                self.leading = me
+                self.leader_runs = False
+                self._tell_lead(True)
             else:
                 leaving = False
                 self.idle.append(me)  # close() wakes it from now on
@@ -267,7 +380,7 @@ class Pool:
         if me is not None and leaving:
             me.job = None              # ends the thread (its wake was not released)
             me.wake.release()
-        return None
+        return _LEAD if lead else None
 
     def pending(self) -> int:
         with self.lock:
@@ -361,9 +474,26 @@ class Server:
         # time it is told at once when the last one ends (an idle exit after
         # each request does not wait for that look).  With a longer one the
         # look comes before the exit is due anyway: no wake-up per request.
+        # Leader/follower: a worker with nothing to do reads the next request
+        # itself (from ``_group``, an epoll of the request sockets and
+        # ``_stop_r``), so a request on a quiet server is served without
+        # waking a second thread; meanwhile the request loop leaves them alone.
+        self._group: Any = select.epoll() if hasattr(select, "epoll") else None
+        self._by_fd = {s.fileno(): s for s in sockets}
+        self._stop_r, self._stop_w = socket.socketpair()
+        self._stop_w.setblocking(False)
+        self._leading_over = False
+        # one thread leads at a time, and only the leader reads into this
+        self._lead_buf: Optional[bytearray] = None
+        if self._group is not None:
+            for fd in self._by_fd:
+                self._group.register(fd, select.EPOLLIN)
+            self._group.register(self._stop_r.fileno(), select.EPOLLIN)
         self.pool = Pool(config.max_threads, config.queue_limit, self._run,
                          on_idle=self._wake if idle_exit
-                         and config.idle_timeout < PENDING_POLL else None)
+                         and config.idle_timeout < PENDING_POLL else None,
+                         lead=self._lead if self._group is not None else None,
+                         on_lead=self._on_lead)
         self.lock = threading.Lock()
         # (peer, request datagram) -> its queued or running job: a retransmitted
         # request is recognised by this key; a different request from the same
@@ -442,7 +572,17 @@ class Server:
     def stop(self, force: bool = False) -> None:
         """Stop taking requests; a forced stop also ends running transfers."""
         self.stopping = 2 if force else max(self.stopping, 1)
+        self._stop_leading()
         self._wake()
+
+    def _stop_leading(self) -> None:
+        """Make a leading worker, and any later one, stop reading requests
+        (the pipe is never drained)."""
+        self._leading_over = True
+        try:
+            self._stop_w.send(b"\0")
+        except OSError:
+            pass
 
     def _wake(self) -> None:
         """Wake the request loop (from a signal handler or another thread)."""
@@ -454,8 +594,14 @@ class Server:
     # -- the request loop --------------------------------------------------
     def serve(self) -> int:
         poller = self._poller
-        for s in self.sockets:
-            poller.register(s, _REQUESTS)
+        group = self._group
+        if group is None:
+            for s in self.sockets:
+                poller.register(s, _REQUESTS)
+        else:
+            with self.pool.lock:               # unless a worker leads already
+                if not self.pool.leader:
+                    poller.register(group, _GROUP)
         poller.register(self._wake_r, _WAKE)
         targets = poller.targets
         buf = bytearray(_REQUEST_MAX)
@@ -466,6 +612,8 @@ class Server:
                     what, sock = targets.get(fd, (-1, self._wake_r))
                     if what == _REQUESTS:
                         self._read_requests(sock, buf)
+                    elif what == _GROUP:
+                        self._read_group(buf)
                     elif what == _STRAYS:
                         self._answer_strays(sock, buf)
                     elif what == _WAKE:
@@ -483,6 +631,10 @@ class Server:
             return self._shutdown()
         finally:
             poller.close()
+            if group is not None:
+                group.close()
+            self._stop_r.close()
+            self._stop_w.close()
 
     def _drain_wake(self) -> None:
         try:
@@ -493,6 +645,8 @@ class Server:
         self._apply_control()
 
     def _shutdown(self) -> int:
+        self._stop_leading()
+        self.pool.wait_unled(2.0)           # out of recvmsg before the sockets close
         for s in self.sockets:
             try:
                 s.close()
@@ -539,18 +693,99 @@ class Server:
                 return
             self._request(sock, bytes(buf[:n]), anc, peer)
 
+    # -- leader/follower (Pool.lead) ----------------------------------------
+    def _on_lead(self, taken: bool) -> None:
+        """A worker took the reading of requests (the request loop stops
+        watching them), or gave it back."""
+        try:
+            if taken:
+                self._poller.unregister(self._group)
+            else:
+                self._poller.register(self._group, _GROUP)
+        except (ValueError, OSError, KeyError):
+            pass            # the loop has ended
+
+    def _lead(self) -> Optional[Job]:
+        """In a worker without a job: read requests until one is for a new
+        transfer, which this worker then serves (None: the server is
+        stopping).  While it serves a small file it hands the requests that
+        come meanwhile to the pool (``_dispatch``); before a long transfer it
+        passes the role on (``Pool.resign``)."""
+        buf = self._lead_buf
+        if buf is None:
+            buf = self._lead_buf = bytearray(_REQUEST_MAX)
+        poll = self._group.poll
+        by_fd = self._by_fd
+        while not self._leading_over:
+            try:
+                ready = poll()
+            except (ValueError, OSError):      # closed: the loop has ended
+                return None
+            for fd, _ in ready:
+                sock = by_fd.get(fd)
+                if sock is None:           # _stop_r
+                    return None
+                for _ in range(_LEADER_BATCH):
+                    try:
+                        n, anc, _flags, peer = sock.recvmsg_into([buf], _ANC_SIZE)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError as e:
+                        if self._leading_over:
+                            return None     # closed by the stopping request loop
+                        log.warning("receive error on request socket: %s", e)
+                        break
+                    job = self._job(sock, bytes(buf[:n]), anc, peer)
+                    if job is not None:
+                        return job
+        return None
+
+    def _dispatch(self) -> bool:
+        """A leader serving a small transfer: hand the requests waiting on
+        the request sockets to the pool.  False: stop watching them."""
+        assert self._lead_buf is not None
+        return self._read_group(self._lead_buf)
+
+    def _read_group(self, buf: bytearray) -> bool:
+        """Requests waiting on the request sockets to the pool (False: the
+        server is stopping)."""
+        try:
+            ready = self._group.poll(0)
+        except (ValueError, OSError):         # closed: the loop has ended
+            return False
+        for fd, _ in ready:
+            sock = self._by_fd.get(fd)
+            if sock is None:                  # _stop_r
+                return False
+            self._read_requests(sock, buf)
+        return True
+
     def _request(self, sock: socket.socket, data: bytes, anc: List[Tuple[int, int, bytes]],
                  peer: Address) -> None:
+        job = self._job(sock, data, anc, peer)
+        if job is not None and not self.pool.submit(job):
+            self._release(job)
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._drop_logged >= 10:
+                log.warning("busy: %d request(s) dropped (all %d workers busy, queue full)",
+                            self.dropped, self.config.max_threads)
+                self._drop_logged = now
+                self.dropped = 0
+
+    def _job(self, sock: socket.socket, data: bytes, anc: List[Tuple[int, int, bytes]],
+             peer: Address) -> Optional[Job]:
+        """The job for a request datagram; None for junk and retransmissions."""
         try:
             packet = decode(data)
         except MalformedPacket:
             if self.debug:
                 log.debug("dropped malformed datagram from %s", show(peer))
-            return
+            return None
         if not isinstance(packet, Request):
             if self.debug:
                 log.debug("dropped non-request from %s", show(peer))
-            return
+            return None
         if self.debug:
             log.debug("trace %s < %s", show(peer), describe((data,)))
         self.last_activity = time.monotonic()
@@ -560,18 +795,10 @@ class Server:
         with self.lock:
             old = self.active.get(key)
             if old is not None and is_retransmission(old, arrival(anc)):
-                return                     # a retransmitted request: not a second transfer
+                return None                # a retransmitted request: not a second transfer
             job = Job(packet, peer, bind, family, self.last_activity, key)
             self.active[key] = job
-        if not self.pool.submit(job):
-            self._release(job)
-            self.dropped += 1
-            now = time.monotonic()
-            if now - self._drop_logged >= 10:
-                log.warning("busy: %d request(s) dropped (all %d workers busy, queue full)",
-                            self.dropped, self.config.max_threads)
-                self._drop_logged = now
-                self.dropped = 0
+        return job
 
     def _answer_strays(self, catcher: socket.socket, buf: bytearray) -> None:
         """ERROR 5 to datagrams sent to a transfer's port by anyone but its peer."""
@@ -646,7 +873,10 @@ class Server:
                 log.warning("%s%s %s refused: %s", who, kind, paths.display(req.filename),
                             e.message)
                 return
-            if plan.size >= CONNECT_MIN_BLOCKS * plan.negotiated.blksize:
+            long = plan.size >= CONNECT_MIN_BLOCKS * plan.negotiated.blksize
+            if long or plan.size < 0:       # long, or maybe: another thread reads requests
+                self.pool.resign()
+            if long:
                 catcher = self._catch_strays(sock, job.peer)
             engine = self._engine(plan, sock, job.peer, trace, connected=catcher is not None)
             with self.lock:
@@ -656,7 +886,9 @@ class Server:
                 return
             start = time.monotonic()
             drive(engine, sock, trace=trace, connected=catcher is not None,
-                  stopped=lambda: job.ended)
+                  stopped=lambda: job.ended,
+                  watch=(self._group.fileno(), self._dispatch) if self.pool.is_leading()
+                  else None)
             self._report(engine, plan, job, kind, who, start)
         finally:
             if plan is not None:

@@ -16,11 +16,16 @@ with ERROR 5 from a second socket on the same port), and no address is built
 or parsed per datagram (about a quarter of the per-block cost).  Without a
 connection (no SO_REUSEPORT) every datagram's address goes to the engine,
 which answers strays itself.
+
+A worker that also reads requests (the server's leader, serving a small file)
+waits in ``poll()`` for its socket and the request sockets together
+(``watch``); the transfer's own datagrams are handled first.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import time
@@ -31,7 +36,7 @@ from .transfer import Receiver, Sender, send_failed
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable, Optional, Union
+    from typing import Callable, Optional, Tuple, Union
 
     from .trace import Trace
     from .transfer import Address, Packet
@@ -41,6 +46,9 @@ if TYPE_CHECKING:
 
 __all__ = ["drive", "make_transmit"]
 
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0)
+_HANGUP = _POLLRDHUP | select.POLLHUP
 _SENDER_RECV = 1024     # ACKs are 4 bytes; a longer ERROR is read truncated
 
 
@@ -88,7 +96,8 @@ def _never() -> bool:
 def drive(engine: Engine, sock: socket.socket,
           clock: Callable[[], float] = time.monotonic,
           trace: Optional[Trace] = None, connected: bool = False,
-          stopped: Callable[[], bool] = _never) -> None:
+          stopped: Callable[[], bool] = _never,
+          watch: Optional[Tuple[int, Callable[[], bool]]] = None) -> None:
     """Run a transfer until it ends.
 
     ``connected``: ``sock`` is connected to ``engine.peer``, so every datagram
@@ -98,6 +107,9 @@ def drive(engine: Engine, sock: socket.socket,
     down first makes ``stopped()`` true.
     ``trace`` (``-s``) sees every datagram received; without it the loop is
     untouched.
+    ``watch`` (``fd``, ``call``), unconnected only: while waiting, also wait
+    for ``fd`` to be readable and then ``call()`` (False: stop watching it);
+    datagrams for the transfer come first.
     """
     # A receiver sees one byte more than a full DATA, so an oversized one is
     # caught; a sender needs room for ACK and ERROR only (memory in storms).
@@ -124,6 +136,9 @@ def drive(engine: Engine, sock: socket.socket,
     inf = float("inf")
     current_ms = -1
     engine.start(clock())
+    if watch is not None and not connected:
+        _drive_watching(engine, sock, buf, receive, clock, watch)
+        return
     while True:
         deadline = engine.deadline
         if deadline == inf:
@@ -155,3 +170,53 @@ def drive(engine: Engine, sock: socket.socket,
             engine.abort(ErrorCode.UNDEFINED, "Server shutting down")
             return
         receive(view[:n], addr, clock())
+
+
+def _drive_watching(engine: Engine, sock: socket.socket, buf: bytearray,
+                    receive: Callable[[Buffer, Address, float], None],
+                    clock: Callable[[], float], watch: Tuple[int, Callable[[], bool]]) -> None:
+    """``drive``'s loop for an unconnected socket that waits in ``poll()``
+    for it and for ``watch``'s descriptor."""
+    fd, call = watch
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | _POLLRDHUP)
+    poller.register(fd, select.POLLIN)
+    watching = True
+    own = sock.fileno()
+    recv = sock.recvfrom_into
+    view = memoryview(buf)
+    inf = float("inf")
+    while True:
+        deadline = engine.deadline
+        if deadline == inf:
+            return
+        wait = deadline - clock()
+        if wait <= 0:
+            engine.on_timer(clock())
+            continue
+        other = False
+        for ready, events in poller.poll(int(wait * 1000) + 1):
+            if ready != own:
+                other = True
+                continue
+            try:
+                n, addr = recv(buf, 0, _DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                if events & _HANGUP:          # nothing left and shut down: a forced stop
+                    engine.abort(ErrorCode.UNDEFINED, "Server shutting down")
+                    return
+                continue
+            except ConnectionRefusedError:
+                continue
+            except OSError:
+                engine.abort(ErrorCode.UNDEFINED, "Server error")
+                return
+            if addr is None:                  # shut down for a forced stop
+                engine.abort(ErrorCode.UNDEFINED, "Server shutting down")
+                return
+            receive(view[:n], addr, clock())
+            if engine.deadline == inf:
+                return                        # the transfer first
+        if other and watching and not call():
+            poller.unregister(fd)
+            watching = False
