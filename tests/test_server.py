@@ -1387,6 +1387,132 @@ def test_pool_leader_resigning_passes_the_role_to_an_idle_thread() -> None:
     assert wait_until(lambda: all(t.ident not in leaders for t in threading.enumerate()))
 
 
+def test_pool_job_queued_while_the_leader_waits_goes_to_the_leader() -> None:
+    """All threads taken, one of them the leader waiting in ``lead()``: a job
+    submitted meanwhile (the request loop read it while the role changed
+    hands) is queued, the leader is kicked out of ``lead()`` and runs it
+    (found in CI: the job waited until another job ended, here never)."""
+    import queue
+    import threading
+
+    from tftpd.server import Pool
+
+    feed: "queue.Queue[object]" = queue.Queue()
+    ran: "queue.Queue[object]" = queue.Queue()
+    told: List[bool] = []
+    kicks: List[int] = []
+    pool: Pool
+
+    def kick() -> None:
+        kicks.append(1)
+        feed.put(None)                        # lead() returns None when kicked
+
+    pool = Pool(1, 10, ran.put, lead=lambda: feed.get(timeout=10),  # type: ignore[arg-type]
+                on_lead=told.append, kick=kick)
+    first, queued = object(), object()
+    assert pool.submit(first) and ran.get(timeout=10) is first        # type: ignore[arg-type]
+    assert wait_until(lambda: pool.leader and pool.pending() == 0, step=0.001)
+    assert pool.submit(queued)                                         # type: ignore[arg-type]
+    assert ran.get(timeout=10) is queued and kicks == [1]
+    assert wait_until(lambda: pool.leader and pool.pending() == 0, step=0.001)
+    assert told == [True] and pool.threads == 1
+    feed.put(None)
+    assert wait_until(lambda: not pool.leader, step=0.001)
+    assert pool.close(timeout=10)
+
+
+def test_pool_leader_lends_the_reading_and_takes_it_back() -> None:
+    """``lend()`` hands the reading to whoever submits while the leader's job
+    may block, ``reclaim()`` takes it back; a job that ends without
+    reclaiming gets it back when it ends.  The role stays with the thread."""
+    import queue
+    import threading
+
+    from tftpd.server import Pool
+
+    feed: "queue.Queue[object]" = queue.Queue()
+    ran: "queue.Queue[int]" = queue.Queue()
+    told: List[bool] = []
+    back, kept = object(), object()
+    pool: Pool
+
+    def run(job: object) -> None:
+        if job in (back, kept):
+            assert pool.lend() and not pool.lend()      # once
+            assert told[-1] is False and pool.leader
+            if job is back:
+                pool.reclaim()
+                assert told[-1] is True
+        ran.put(threading.get_ident())
+
+    pool = Pool(4, 10, run, lead=lambda: feed.get(timeout=10),       # type: ignore[arg-type]
+                on_lead=told.append)
+    assert pool.submit(object())                                      # type: ignore[arg-type]
+    first = ran.get(timeout=10)
+    assert wait_until(lambda: pool.leader, step=0.001)
+    assert not pool.lend()                      # not the leader's thread
+    for job in (back, kept):
+        feed.put(job)
+        assert ran.get(timeout=10) == first
+    assert wait_until(lambda: pool.leader and not pool.leader_runs, step=0.001)
+    assert told == [True, False, True, False, True] and not pool.lent
+    feed.put(None)
+    assert wait_until(lambda: not pool.leader, step=0.001)
+    assert pool.close(timeout=10)
+    assert wait_until(lambda: all(t.ident != first for t in threading.enumerate()))
+
+
+def test_a_leader_stuck_in_the_file_system_does_not_hold_up_other_requests(
+        tmp_path: Path) -> None:
+    """While the leading worker waits for a file system that hangs, the
+    request loop reads requests and another worker serves them."""
+    import threading
+
+    from tftpd.access import AccessTable
+    from tftpd.config import Config
+    from tftpd.server import Server
+
+    root = tmp_path / "root"
+    root.mkdir()
+    put(root, "f.bin", b"f" * 100)
+    put(root, "stuck.bin", b"s" * 100)
+    cfg = Config(root=str(root), access_file=str(tmp_path / "none.ctl"))
+    listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listen.bind(("127.0.0.1", 0))
+    server = Server(cfg, [listen], AccessTable(cfg.access_file, [str(root)]))
+    hang = threading.Event()
+    stuck = threading.Event()
+    admit = server.admission.admit
+
+    def hanging_admit(request):                   # type: ignore[no-untyped-def]
+        if request.filename == b"stuck.bin":
+            stuck.set()
+            hang.wait(10)
+        return admit(request)
+
+    server.admission.admit = hanging_admit       # type: ignore[method-assign]
+    loop = threading.Thread(target=server.serve)
+    loop.start()
+    try:
+        with Peer(listen.getsockname()) as peer:
+            peer.download("f.bin")
+        assert wait_until(lambda: server.pool.leader and not server.pool.pending(), step=0.001)
+        with Peer(listen.getsockname()) as slow, Peer(listen.getsockname()) as other:
+            slow.send(rrq("stuck.bin"))
+            assert stuck.wait(10) and server.pool.leader_runs
+            res = other.download("f.bin")
+            assert res.error is None and res.data == b"f" * 100
+            hang.set()
+            pkt, tid = slow.expect(op=DATA)
+            assert pkt.payload == b"s" * 100
+            slow.send(ack(1), tid)
+    finally:
+        hang.set()
+        server.stop()
+        loop.join(10)
+    assert not loop.is_alive()
+
+
 def test_a_quiet_server_serves_requests_without_its_request_loop(tmp_path: Path,
                                                                  monkeypatch) -> None:
     """Sequential requests: once one transfer has ended, its worker reads the

@@ -210,21 +210,29 @@ class Pool:
     while it runs it (and may ``submit`` jobs it finds meanwhile) unless the
     job calls ``resign()``: the role then goes to an idle thread, else back to
     whoever submits (``on_lead(False)``; ``on_lead(True)`` when a thread
-    takes it from them).  ``on_lead`` is called under the pool's lock.
+    takes it from them).  Around a step that may block, the leader's job
+    can ``lend()`` the reading to whoever submits and ``reclaim()`` it,
+    keeping the role.  A job queued while the leader waits in ``lead()`` (the
+    request loop read it meanwhile) calls ``kick()``: ``lead()`` should then
+    return None, and the leader runs the queued job.  ``on_lead`` is called under the pool's lock, maybe
+    twice with the same value.
     """
 
     def __init__(self, limit: int, queue_limit: int, run: Callable[[Job], None],
                  on_idle: Optional[Callable[[], None]] = None,
                  lead: Optional[Callable[[], Optional[Job]]] = None,
-                 on_lead: Optional[Callable[[bool], None]] = None) -> None:
+                 on_lead: Optional[Callable[[bool], None]] = None,
+                 kick: Optional[Callable[[], None]] = None) -> None:
         self.limit = limit
         self.queue_limit = queue_limit
         self.run = run
         self.on_idle = on_idle
         self.lead = lead
         self.on_lead = on_lead
+        self.kick = kick
         self.leading: Optional[_Idle] = None        # the leader thread
         self.leader_runs = False                     # ... runs a job (is out of lead())
+        self.lent = False                            # ... has lent the reading out
         self.jobs: Deque[Job] = collections.deque()
         self.lock = threading.Lock()
         self.done = threading.Condition(self.lock)   # close() waits on it
@@ -249,6 +257,23 @@ class Pool:
             if self.is_leading():
                 self._pass_lead()
 
+    def lend(self) -> bool:
+        """Called by the leader's job before a step that may block (a file
+        system that hangs): whoever submits reads meanwhile.  True if lent."""
+        with self.lock:
+            if self.lent or not self.is_leading():
+                return False
+            self.lent = True
+            self._tell_lead(False)
+            return True
+
+    def reclaim(self) -> None:
+        """The leader's job after ``lend()``: the reading is its own again."""
+        with self.lock:
+            if self.lent and self.is_leading():
+                self.lent = False
+                self._tell_lead(True)
+
     def _pass_lead(self) -> None:
         self.leader_runs = False
         if self.idle and not self.closed:
@@ -256,7 +281,11 @@ class Pool:
             self.leading = waiter
             waiter.job = _LEAD
             waiter.wake.release()
+            if self.lent:
+                self.lent = False
+                self._tell_lead(True)
         else:
+            self.lent = False
             self.leading = None
             self._tell_lead(False)
 
@@ -297,6 +326,8 @@ class Pool:
                 return False
             else:
                 self.jobs.append(job)
+                if self.leading is not None and not self.leader_runs and self.kick:
+                    self.kick()                # the leader is free: it takes it
             return True
 
     def _loop(self, job: Optional[Job]) -> None:
@@ -328,6 +359,8 @@ class Pool:
                 self.threads -= 1
             raise
         with self.lock:
+            if job is None and self.jobs:
+                job = self.jobs.popleft()      # kicked: queued meanwhile
             if job is not None:
                 self.busy += 1
                 self.leader_runs = True
@@ -364,6 +397,9 @@ class Pool:
                 leaving = False
                 lead = True
                 self.leader_runs = False
+                if self.lent:                  # (its job ended before reclaim())
+                    self.lent = False
+                    self._tell_lead(True)
             elif self.lead is not None and self.leading is None:
                 leaving = False
                 lead = True
@@ -475,25 +511,34 @@ class Server:
         # each request does not wait for that look).  With a longer one the
         # look comes before the exit is due anyway: no wake-up per request.
         # Leader/follower: a worker with nothing to do reads the next request
-        # itself (from ``_group``, an epoll of the request sockets and
-        # ``_stop_r``), so a request on a quiet server is served without
-        # waking a second thread; meanwhile the request loop leaves them alone.
-        self._group: Any = select.epoll() if hasattr(select, "epoll") else None
+        # itself (from ``_leads``, an epoll of the request sockets, ``_stop_r``
+        # and ``_kick_r``), so a request on a quiet server is served without
+        # waking a second thread; meanwhile the request loop leaves them alone
+        # (it watches them through ``_group``, an epoll of the request sockets).
+        self._group: Any = None
+        self._leads: Any = None
+        if hasattr(select, "epoll"):
+            self._group, self._leads = select.epoll(), select.epoll()
         self._by_fd = {s.fileno(): s for s in sockets}
-        self._stop_r, self._stop_w = socket.socketpair()
-        self._stop_w.setblocking(False)
+        self._stop_r, self._stop_w = socket.socketpair()    # never drained
+        self._kick_r, self._kick_w = socket.socketpair()    # a job was queued
+        for s in (self._stop_w, self._kick_r, self._kick_w):
+            s.setblocking(False)
         self._leading_over = False
         # one thread leads at a time, and only the leader reads into this
         self._lead_buf: Optional[bytearray] = None
+        self._loop_reads = False                 # _group is registered with the loop
         if self._group is not None:
             for fd in self._by_fd:
                 self._group.register(fd, select.EPOLLIN)
-            self._group.register(self._stop_r.fileno(), select.EPOLLIN)
+                self._leads.register(fd, select.EPOLLIN)
+            self._leads.register(self._stop_r.fileno(), select.EPOLLIN)
+            self._leads.register(self._kick_r.fileno(), select.EPOLLIN)
         self.pool = Pool(config.max_threads, config.queue_limit, self._run,
                          on_idle=self._wake if idle_exit
                          and config.idle_timeout < PENDING_POLL else None,
                          lead=self._lead if self._group is not None else None,
-                         on_lead=self._on_lead)
+                         on_lead=self._on_lead, kick=self._kick)
         self.lock = threading.Lock()
         # (peer, request datagram) -> its queued or running job: a retransmitted
         # request is recognised by this key; a different request from the same
@@ -601,7 +646,7 @@ class Server:
         else:
             with self.pool.lock:               # unless a worker leads already
                 if not self.pool.leader:
-                    poller.register(group, _GROUP)
+                    self._on_lead(False)
         poller.register(self._wake_r, _WAKE)
         targets = poller.targets
         buf = bytearray(_REQUEST_MAX)
@@ -633,8 +678,9 @@ class Server:
             poller.close()
             if group is not None:
                 group.close()
-            self._stop_r.close()
-            self._stop_w.close()
+                self._leads.close()
+            for s in (self._stop_r, self._stop_w, self._kick_r, self._kick_w):
+                s.close()
 
     def _drain_wake(self) -> None:
         try:
@@ -696,14 +742,17 @@ class Server:
     # -- leader/follower (Pool.lead) ----------------------------------------
     def _on_lead(self, taken: bool) -> None:
         """A worker took the reading of requests (the request loop stops
-        watching them), or gave it back."""
+        watching them), or gave it back (under the pool's lock)."""
+        if taken != self._loop_reads:
+            return
         try:
             if taken:
                 self._poller.unregister(self._group)
             else:
                 self._poller.register(self._group, _GROUP)
         except (ValueError, OSError, KeyError):
-            pass            # the loop has ended
+            return          # the loop has ended
+        self._loop_reads = not taken
 
     def _lead(self) -> Optional[Job]:
         """In a worker without a job: read requests until one is for a new
@@ -714,7 +763,7 @@ class Server:
         buf = self._lead_buf
         if buf is None:
             buf = self._lead_buf = bytearray(_REQUEST_MAX)
-        poll = self._group.poll
+        poll = self._leads.poll
         by_fd = self._by_fd
         while not self._leading_over:
             try:
@@ -723,7 +772,8 @@ class Server:
                 return None
             for fd, _ in ready:
                 sock = by_fd.get(fd)
-                if sock is None:           # _stop_r
+                if sock is None:           # _stop_r, or _kick_r: the pool has a job
+                    self._unkick()
                     return None
                 for _ in range(_LEADER_BATCH):
                     try:
@@ -742,23 +792,45 @@ class Server:
 
     def _dispatch(self) -> bool:
         """A leader serving a small transfer: hand the requests waiting on
-        the request sockets to the pool.  False: stop watching them."""
-        assert self._lead_buf is not None
-        return self._read_group(self._lead_buf)
-
-    def _read_group(self, buf: bytearray) -> bool:
-        """Requests waiting on the request sockets to the pool (False: the
+        the request sockets to the pool.  False: stop watching them (the
         server is stopping)."""
+        assert self._lead_buf is not None
         try:
-            ready = self._group.poll(0)
+            ready = self._leads.poll(0)
         except (ValueError, OSError):         # closed: the loop has ended
             return False
         for fd, _ in ready:
             sock = self._by_fd.get(fd)
-            if sock is None:                  # _stop_r
+            if sock is not None:
+                self._read_requests(sock, self._lead_buf)
+            elif fd == self._stop_r.fileno():
                 return False
-            self._read_requests(sock, buf)
+            else:
+                self._unkick()                # (stale: this leader runs a job)
         return True
+
+    def _kick(self) -> None:
+        """Pool: a job was queued while the leader waits for requests."""
+        try:
+            self._kick_w.send(b"\0")
+        except OSError:
+            pass                              # full: a kick is pending anyway
+
+    def _unkick(self) -> None:
+        try:
+            while self._kick_r.recv(64):
+                pass
+        except OSError:
+            pass
+
+    def _read_group(self, buf: bytearray) -> None:
+        """The request loop: requests waiting on the request sockets."""
+        try:
+            ready = self._group.poll(0)
+        except (ValueError, OSError):         # closed
+            return
+        for fd, _ in ready:
+            self._read_requests(self._by_fd[fd], buf)
 
     def _request(self, sock: socket.socket, data: bytes, anc: List[Tuple[int, int, bytes]],
                  peer: Address) -> None:
@@ -864,6 +936,10 @@ class Server:
                 _so_debug(sock)
             if self.stopping >= 2:
                 return
+            # The file system may hang (a hard NFS mount): meanwhile the
+            # request loop reads requests, if this thread leads (the pool
+            # takes them back at the latest when this job ends).
+            lent = self.pool.lend()
             try:
                 plan = self.admission.admit(req)
             except TftpError as e:
@@ -876,6 +952,8 @@ class Server:
             long = plan.size >= CONNECT_MIN_BLOCKS * plan.negotiated.blksize
             if long or plan.size < 0:       # long, or maybe: another thread reads requests
                 self.pool.resign()
+            elif lent:
+                self.pool.reclaim()
             if long:
                 catcher = self._catch_strays(sock, job.peer)
             engine = self._engine(plan, sock, job.peer, trace, connected=catcher is not None)
@@ -887,7 +965,7 @@ class Server:
             start = time.monotonic()
             drive(engine, sock, trace=trace, connected=catcher is not None,
                   stopped=lambda: job.ended,
-                  watch=(self._group.fileno(), self._dispatch) if self.pool.is_leading()
+                  watch=(self._leads.fileno(), self._dispatch) if self.pool.is_leading()
                   else None)
             self._report(engine, plan, job, kind, who, start)
         finally:
