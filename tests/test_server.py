@@ -1603,6 +1603,10 @@ def test_poller_reports_readable_sockets_with_what_they_are_for(monkeypatch, kin
         ready = poller.wait(5)
         assert [fd for fd, _ in ready] == [b.fileno()]
         assert poller.targets[b.fileno()] == (server_module._STRAYS, b)
+        poller.watch(b, False)                        # still registered, no events asked
+        assert poller.wait(0) == [] and b.fileno() in poller.targets
+        poller.watch(b, True)
+        assert [fd for fd, _ in poller.wait(5)] == [b.fileno()]
         poller.unregister(b)
         assert poller.wait(0) == [] and b.fileno() not in poller.targets
         poller.unregister(b)                          # twice: nothing happens

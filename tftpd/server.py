@@ -43,6 +43,7 @@ __all__ = ["Server", "Job", "bind_standalone", "bind_siblings", "local_address",
 
 log = logsetup.getLogger("tftpd")
 
+_EPOLLIN = int(select.POLLIN)       # == EPOLLIN
 _IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 _IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
@@ -179,6 +180,7 @@ def show(peer: Address) -> str:
 
 
 _LEAD: Any = object()      # a job that says: read the next job yourself (Pool.lead)
+_get_ident = threading.get_ident
 
 
 class _Idle:
@@ -259,20 +261,25 @@ class Pool:
 
     def lend(self) -> bool:
         """Called by the leader's job before a step that may block (a file
-        system that hangs): whoever submits reads meanwhile.  True if lent."""
+        system that hangs): whoever submits reads meanwhile.  True if lent.
+        (Once per request: written out, the calls cost more than the work.)"""
         with self.lock:
-            if self.lent or not self.is_leading():
+            leading = self.leading
+            if self.lent or leading is None or leading.ident != _get_ident():
                 return False
             self.lent = True
-            self._tell_lead(False)
+            if self.on_lead is not None:
+                self.on_lead(False)
             return True
 
     def reclaim(self) -> None:
         """The leader's job after ``lend()``: the reading is its own again."""
         with self.lock:
-            if self.lent and self.is_leading():
+            leading = self.leading
+            if self.lent and leading is not None and leading.ident == _get_ident():
                 self.lent = False
-                self._tell_lead(True)
+                if self.on_lead is not None:
+                    self.on_lead(True)
 
     def _pass_lead(self) -> None:
         self.leader_runs = False
@@ -476,6 +483,13 @@ class _Poller:
             del self.targets[fd]
             raise
 
+    def watch(self, sock: Any, on: bool) -> None:
+        """Ask for a registered descriptor's events, or for none."""
+        self.modify(sock.fileno(), select.POLLIN if on else 0)
+
+    def modify(self, fd: int, events: int) -> None:
+        self._impl.modify(fd, events)
+
     def unregister(self, sock: socket.socket) -> None:
         fd = sock.fileno()
         if self.targets.get(fd, (0, None))[1] is sock:
@@ -527,7 +541,8 @@ class Server:
         self._leading_over = False
         # one thread leads at a time, and only the leader reads into this
         self._lead_buf: Optional[bytearray] = None
-        self._loop_reads = False                 # _group is registered with the loop
+        self._loop_reads = False                 # the loop asks for _group's events
+        self._group_fd = -1 if self._group is None else self._group.fileno()
         if self._group is not None:
             for fd in self._by_fd:
                 self._group.register(fd, select.EPOLLIN)
@@ -644,9 +659,11 @@ class Server:
             for s in self.sockets:
                 poller.register(s, _REQUESTS)
         else:
+            poller.register(group, _GROUP)
             with self.pool.lock:               # unless a worker leads already
-                if not self.pool.leader:
-                    self._on_lead(False)
+                self._loop_reads = True
+                if self.pool.leader:
+                    self._on_lead(True)
         poller.register(self._wake_r, _WAKE)
         targets = poller.targets
         buf = bytearray(_REQUEST_MAX)
@@ -742,15 +759,13 @@ class Server:
     # -- leader/follower (Pool.lead) ----------------------------------------
     def _on_lead(self, taken: bool) -> None:
         """A worker took the reading of requests (the request loop stops
-        watching them), or gave it back (under the pool's lock)."""
+        watching them: no events asked for), or gave it back (under the
+        pool's lock; one ``epoll_ctl``)."""
         if taken != self._loop_reads:
             return
         try:
-            if taken:
-                self._poller.unregister(self._group)
-            else:
-                self._poller.register(self._group, _GROUP)
-        except (ValueError, OSError, KeyError):
+            self._poller.modify(self._group_fd, 0 if taken else _EPOLLIN)
+        except (ValueError, OSError):
             return          # the loop has ended
         self._loop_reads = not taken
 
