@@ -216,8 +216,8 @@ class Pool:
     can ``lend()`` the reading to whoever submits and ``reclaim()`` it,
     keeping the role.  A job queued while the leader waits in ``lead()`` (the
     request loop read it meanwhile) calls ``kick()``: ``lead()`` should then
-    return None, and the leader runs the queued job.  ``on_lead`` is called under the pool's lock, maybe
-    twice with the same value.
+    return None, and the leader runs the queued job.  ``on_lead`` is called
+    under the pool's lock, maybe twice with the same value.
     """
 
     def __init__(self, limit: int, queue_limit: int, run: Callable[[Job], None],
