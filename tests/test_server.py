@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import pytest
 
@@ -1462,27 +1462,69 @@ def test_pool_leader_lends_the_reading_and_takes_it_back() -> None:
     assert wait_until(lambda: all(t.ident != first for t in threading.enumerate()))
 
 
+class InProcess:
+    """A Server on 127.0.0.1 in this process, its request loop in a thread."""
+
+    def __init__(self, tmp_path: Path, files: Dict[str, bytes], **config: Any) -> None:
+        import threading
+
+        from tftpd.access import AccessTable
+        from tftpd.config import Config
+        from tftpd.server import Server
+
+        self.root = tmp_path / "root"
+        self.root.mkdir()
+        for name, body in files.items():
+            put(self.root, name, body)
+        cfg = Config(root=str(self.root), access_file=str(tmp_path / "none.ctl"), **config)
+        self.listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.listen.bind(("127.0.0.1", 0))
+        self.addr = self.listen.getsockname()
+        self.server = Server(cfg, [self.listen], AccessTable(cfg.access_file, [str(self.root)]))
+        self.loop = threading.Thread(target=self.server.serve)
+
+    def __enter__(self) -> "InProcess":
+        self.loop.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()
+        self.loop.join(10)
+        assert not self.loop.is_alive()
+
+    def led_and_idle(self) -> bool:
+        """A worker leads and no transfer runs."""
+        return self.server.pool.leader and not self.server.pool.pending()
+
+
+def test_a_leader_leaves_the_reading_to_others_for_an_upload(tmp_path: Path) -> None:
+    """An upload's end waits for fsync (and its length may be unknown): the
+    leader that takes a WRQ, even a small one, lets others read requests."""
+    with InProcess(tmp_path, {"f.bin": b"f" * 100}, allow_write=True) as it:
+        with Peer(it.addr) as peer:
+            peer.download("f.bin")
+        assert wait_until(it.led_and_idle, step=0.001)
+        with Peer(it.addr) as up:
+            up.send(wrq("new.bin", options={"tsize": "5"}))
+            _, tid = up.expect(op=OACK)
+            assert wait_until(lambda: not it.server.pool.leader)   # the request loop reads
+            up.send(data(1, b"hello"), tid)
+            pkt, _ = up.expect(op=ACK)
+            assert pkt.block == 1
+        assert (it.root / "new.bin").read_bytes() == b"hello"
+        assert wait_until(it.led_and_idle)
+
+
 def test_a_leader_stuck_in_the_file_system_does_not_hold_up_other_requests(
         tmp_path: Path) -> None:
     """While the leading worker waits for a file system that hangs, the
     request loop reads requests and another worker serves them."""
     import threading
 
-    from tftpd.access import AccessTable
-    from tftpd.config import Config
-    from tftpd.server import Server
-
-    root = tmp_path / "root"
-    root.mkdir()
-    put(root, "f.bin", b"f" * 100)
-    put(root, "stuck.bin", b"s" * 100)
-    cfg = Config(root=str(root), access_file=str(tmp_path / "none.ctl"))
-    listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    listen.bind(("127.0.0.1", 0))
-    server = Server(cfg, [listen], AccessTable(cfg.access_file, [str(root)]))
     hang = threading.Event()
     stuck = threading.Event()
-    admit = server.admission.admit
+    it = InProcess(tmp_path, {"f.bin": b"f" * 100, "stuck.bin": b"s" * 100})
+    admit = it.server.admission.admit
 
     def hanging_admit(request):                   # type: ignore[no-untyped-def]
         if request.filename == b"stuck.bin":
@@ -1490,27 +1532,23 @@ def test_a_leader_stuck_in_the_file_system_does_not_hold_up_other_requests(
             hang.wait(10)
         return admit(request)
 
-    server.admission.admit = hanging_admit       # type: ignore[method-assign]
-    loop = threading.Thread(target=server.serve)
-    loop.start()
+    it.server.admission.admit = hanging_admit    # type: ignore[method-assign]
     try:
-        with Peer(listen.getsockname()) as peer:
-            peer.download("f.bin")
-        assert wait_until(lambda: server.pool.leader and not server.pool.pending(), step=0.001)
-        with Peer(listen.getsockname()) as slow, Peer(listen.getsockname()) as other:
-            slow.send(rrq("stuck.bin"))
-            assert stuck.wait(10) and server.pool.leader_runs
-            res = other.download("f.bin")
-            assert res.error is None and res.data == b"f" * 100
-            hang.set()
-            pkt, tid = slow.expect(op=DATA)
-            assert pkt.payload == b"s" * 100
-            slow.send(ack(1), tid)
+        with it:
+            with Peer(it.addr) as peer:
+                peer.download("f.bin")
+            assert wait_until(it.led_and_idle, step=0.001)
+            with Peer(it.addr) as slow, Peer(it.addr) as other:
+                slow.send(rrq("stuck.bin"))
+                assert stuck.wait(10) and it.server.pool.leader_runs
+                res = other.download("f.bin")
+                assert res.error is None and res.data == b"f" * 100
+                hang.set()
+                pkt, tid = slow.expect(op=DATA)
+                assert pkt.payload == b"s" * 100
+                slow.send(ack(1), tid)
     finally:
         hang.set()
-        server.stop()
-        loop.join(10)
-    assert not loop.is_alive()
 
 
 def test_a_quiet_server_serves_requests_without_its_request_loop(tmp_path: Path,
@@ -1521,31 +1559,17 @@ def test_a_quiet_server_serves_requests_without_its_request_loop(tmp_path: Path,
     server stops the leading worker."""
     import threading
 
-    from tftpd.access import AccessTable
-    from tftpd.config import Config
-    from tftpd.server import Server
-
-    root = tmp_path / "root"
-    root.mkdir()
-    put(root, "f.bin", b"x" * 100)
-    cfg = Config(root=str(root), access_file=str(tmp_path / "none.ctl"))
-    listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    listen.bind(("127.0.0.1", 0))
-    server = Server(cfg, [listen], AccessTable(cfg.access_file, [str(root)]))
+    it = InProcess(tmp_path, {"f.bin": b"x" * 100})
+    server = it.server
     read_by_loop: List[int] = []
     original = server._read_requests
-    loop = threading.Thread(target=server.serve)
     monkeypatch.setattr(server, "_read_requests", lambda sock, buf: (
-        read_by_loop.append(1) if threading.current_thread() is loop else None,
+        read_by_loop.append(1) if threading.current_thread() is it.loop else None,
         original(sock, buf)))
-    loop.start()
-    try:
+    with it:
         for i in range(5):
-            deadline = time.monotonic() + 10
-            while i and not (server.pool.leader and not server.pool.pending()):
-                assert time.monotonic() < deadline, "no worker took the lead"
-                time.sleep(0.001)
-            with Peer(listen.getsockname()) as peer:
+            assert i == 0 or wait_until(it.led_and_idle, step=0.001), "no worker took the lead"
+            with Peer(it.addr) as peer:
                 peer.send(rrq("f.bin"))
                 pkt, tid = peer.expect(op=DATA)
                 assert pkt.payload == b"x" * 100
@@ -1553,7 +1577,7 @@ def test_a_quiet_server_serves_requests_without_its_request_loop(tmp_path: Path,
         assert len(read_by_loop) == 1 and server.pool.threads == 1
         # While the leader serves a small file (its DATA not yet ACKed), it
         # hands a second client's request to another worker.
-        with Peer(listen.getsockname()) as first, Peer(listen.getsockname()) as second:
+        with Peer(it.addr) as first, Peer(it.addr) as second:
             first.send(rrq("f.bin"))
             _, tid1 = first.expect(op=DATA)
             second.send(rrq("f.bin"))
@@ -1561,19 +1585,10 @@ def test_a_quiet_server_serves_requests_without_its_request_loop(tmp_path: Path,
             assert pkt.payload == b"x" * 100 and tid2 != tid1
             second.send(ack(1), tid2)
             first.send(ack(1), tid1)
-        deadline = time.monotonic() + 10
-        while server.pool.pending():
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        assert wait_until(lambda: not server.pool.pending(), step=0.001)
         assert len(read_by_loop) == 1 and server.pool.threads == 2
-    finally:
-        server.stop()
-        loop.join(10)
-    assert not loop.is_alive()
-    deadline = time.monotonic() + 10
-    while any(t.name == "tftpd-worker" for t in threading.enumerate()):
-        assert time.monotonic() < deadline, "the leading worker outlived the server"
-        time.sleep(0.001)
+    assert wait_until(lambda: all(t.name != "tftpd-worker" for t in threading.enumerate()),
+                      step=0.001), "the leading worker outlived the server"
 
 
 @pytest.mark.parametrize("kind", ["epoll", "poll"])

@@ -965,7 +965,9 @@ class Server:
                             e.message)
                 return
             long = plan.size >= CONNECT_MIN_BLOCKS * plan.negotiated.blksize
-            if long or plan.size < 0:       # long, or maybe: another thread reads requests
+            if long or plan.opcode != Opcode.RRQ:
+                # another thread reads requests meanwhile: a long transfer, or
+                # an upload (its end waits for fsync, its length may be unknown)
                 self.pool.resign()
             elif lent:
                 self.pool.reclaim()
