@@ -118,3 +118,25 @@ def test_watching_drive_ends_at_once_on_a_forced_stop(pair) -> None:
     finally:
         ring_r.close()
         ring_w.close()
+
+
+def test_watching_drive_traces_what_it_receives(pair) -> None:
+    """``-s`` on the leader's path: every datagram received is traced."""
+    server, client = pair
+    engine = sender(server, client, b"t" * 10)
+    ring_r, ring_w = socket.socketpair()
+    seen: List[Tuple[str, bytes]] = []
+    done = threading.Thread(target=drive, args=(engine, server), kwargs={
+        "watch": (ring_r.fileno(), lambda: True),
+        "trace": lambda way, addr, parts: seen.append((way, bytes(parts[0])))})
+    try:
+        done.start()
+        got, tid = client.recvfrom(600)
+        assert got == b"\x00\x03\x00\x01" + b"t" * 10
+        client.sendto(b"\x00\x04\x00\x01", tid)
+        done.join(10)
+        assert not done.is_alive() and engine.outcome is Outcome.OK
+        assert seen == [("<", b"\x00\x04\x00\x01")]
+    finally:
+        ring_r.close()
+        ring_w.close()
