@@ -43,7 +43,6 @@ __all__ = ["Server", "Job", "bind_standalone", "bind_siblings", "local_address",
 
 log = logsetup.getLogger("tftpd")
 
-_EPOLLIN = int(select.POLLIN)       # == EPOLLIN
 _IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 _IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
@@ -180,7 +179,6 @@ def show(peer: Address) -> str:
 
 
 _LEAD: Any = object()      # a job that says: read the next job yourself (Pool.lead)
-_get_ident = threading.get_ident
 
 
 class _Idle:
@@ -261,25 +259,20 @@ class Pool:
 
     def lend(self) -> bool:
         """Called by the leader's job before a step that may block (a file
-        system that hangs): whoever submits reads meanwhile.  True if lent.
-        (Once per request: written out, the calls cost more than the work.)"""
+        system that hangs): whoever submits reads meanwhile.  True if lent."""
         with self.lock:
-            leading = self.leading
-            if self.lent or leading is None or leading.ident != _get_ident():
+            if self.lent or not self.is_leading():
                 return False
             self.lent = True
-            if self.on_lead is not None:
-                self.on_lead(False)
+            self._tell_lead(False)
             return True
 
     def reclaim(self) -> None:
         """The leader's job after ``lend()``: the reading is its own again."""
         with self.lock:
-            leading = self.leading
-            if self.lent and leading is not None and leading.ident == _get_ident():
+            if self.lent and self.is_leading():
                 self.lent = False
-                if self.on_lead is not None:
-                    self.on_lead(True)
+                self._tell_lead(True)
 
     def _pass_lead(self) -> None:
         self.leader_runs = False
@@ -485,10 +478,7 @@ class _Poller:
 
     def watch(self, sock: Any, on: bool) -> None:
         """Ask for a registered descriptor's events, or for none."""
-        self.modify(sock.fileno(), select.POLLIN if on else 0)
-
-    def modify(self, fd: int, events: int) -> None:
-        self._impl.modify(fd, events)
+        self._impl.modify(sock.fileno(), select.POLLIN if on else 0)
 
     def unregister(self, sock: socket.socket) -> None:
         fd = sock.fileno()
@@ -542,7 +532,6 @@ class Server:
         # one thread leads at a time, and only the leader reads into this
         self._lead_buf: Optional[bytearray] = None
         self._loop_reads = False                 # the loop asks for _group's events
-        self._group_fd = -1 if self._group is None else self._group.fileno()
         if self._group is not None:
             for fd in self._by_fd:
                 self._group.register(fd, select.EPOLLIN)
@@ -675,7 +664,7 @@ class Server:
                     if what == _REQUESTS:
                         self._read_requests(sock, buf)
                     elif what == _GROUP:
-                        self._read_group(buf)
+                        self._read_ready(group, buf)
                     elif what == _STRAYS:
                         self._answer_strays(sock, buf)
                     elif what == _WAKE:
@@ -764,7 +753,7 @@ class Server:
         if taken != self._loop_reads:
             return
         try:
-            self._poller.modify(self._group_fd, 0 if taken else _EPOLLIN)
+            self._poller.watch(self._group, not taken)
         except (ValueError, OSError):
             return          # the loop has ended
         self._loop_reads = not taken
@@ -810,18 +799,25 @@ class Server:
         the request sockets to the pool.  False: stop watching them (the
         server is stopping)."""
         assert self._lead_buf is not None
+        return self._read_ready(self._leads, self._lead_buf)
+
+    def _read_ready(self, group: Any, buf: bytearray) -> bool:
+        """The requests waiting on the request sockets that ``group`` (an
+        epoll: the loop's ``_group`` or the leaders' ``_leads``) finds
+        readable, to the pool.  False: the server is stopping (``_stop_r``
+        readable, or the epoll closed); a stale kick is drained."""
         try:
-            ready = self._leads.poll(0)
+            ready = group.poll(0)
         except (ValueError, OSError):         # closed: the loop has ended
             return False
         for fd, _ in ready:
             sock = self._by_fd.get(fd)
             if sock is not None:
-                self._read_requests(sock, self._lead_buf)
+                self._read_requests(sock, buf)
             elif fd == self._stop_r.fileno():
                 return False
             else:
-                self._unkick()                # (stale: this leader runs a job)
+                self._unkick()                # (a leader that runs a job needs none)
         return True
 
     def _kick(self) -> None:
@@ -837,15 +833,6 @@ class Server:
                 pass
         except OSError:
             pass
-
-    def _read_group(self, buf: bytearray) -> None:
-        """The request loop: requests waiting on the request sockets."""
-        try:
-            ready = self._group.poll(0)
-        except (ValueError, OSError):         # closed
-            return
-        for fd, _ in ready:
-            self._read_requests(self._by_fd[fd], buf)
 
     def _request(self, sock: socket.socket, data: bytes, anc: List[Tuple[int, int, bytes]],
                  peer: Address) -> None:
