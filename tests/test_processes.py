@@ -1,10 +1,11 @@
-"""--processes: standalone serving processes sharing the port (SO_REUSEPORT).
+"""--processes: standalone serving processes (tftpd/spread.py).
 
-The main process forks one process per further socket after the privilege
-drop; the kernel hashes each client address and port to one socket, so a
-client stays with one process (its retransmitted request is recognised
-there).  Signals reach every process; a kill -9 of the main one takes the
-others down (PR_SET_PDEATHSIG).
+The main process forks the others after the privilege drop and alone reads
+the request socket: it serves a request itself while it has no more in hand
+than the least busy other process, else passes it to that one; a retransmitted
+request goes where the first went (and is recognised there).  Signals reach
+every process; a kill -9 of the main one takes the others down
+(PR_SET_PDEATHSIG); one that dies leaves its share to the others.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import re
 import signal
 import socket
 import time
+from collections import Counter
 from pathlib import Path
-from typing import List
+from typing import Any, List, Tuple
 
 import pytest
 
@@ -76,18 +78,96 @@ def fetch_from_many_ports(server: ServerProcess, count: int) -> None:
         assert res.error is None and res.data == BODY
 
 
-def test_three_processes_share_the_port_and_all_serve(tftpd_server, root: Path) -> None:
+def served_by(server: ServerProcess, count: int, timeout: float = 10,
+              name: str = "f.bin") -> List[int]:
+    """The PIDs in the first ``count`` "sent" lines of ``name`` (-v), in order."""
+    deadline = time.monotonic() + timeout
+    pattern = r"tftpd\[(\d+)\]: RRQ from \S+ " + re.escape(name) + ": sent"
+    while True:
+        pids = [int(p) for p in re.findall(pattern, server.log())]
+        if len(pids) >= count or time.monotonic() >= deadline:
+            return pids[:count]
+        time.sleep(0.05)
+
+
+def hold(server: ServerProcess, count: int) -> List[Tuple[Peer, Any]]:
+    """``count`` downloads, one after the other, each left waiting for the
+    ACK of its OACK (timeout 5: no retransmission meanwhile) and so in hand
+    in the process serving it."""
+    held = []
+    for _ in range(count):
+        peer = Peer(server.addr)
+        peer.send(rrq("f.bin", options={"timeout": "5"}))
+        _, tid = peer.expect(op=OACK)
+        held.append((peer, tid))
+    return held
+
+
+def finish(held: List[Tuple[Peer, Any]]) -> None:
+    for peer, tid in held:
+        assert _finish_download(peer, tid) == BODY
+        peer.close()
+
+
+def test_one_client_after_another_is_served_by_the_main_process(
+        tftpd_server, root: Path) -> None:
+    """A quiet server serves each small download in the main process (no
+    hand-over, its caches warm; with SO_REUSEPORT each new client port went
+    to any).  (After a long transfer the next request may come while the
+    main process still closes it: it then goes to another.)"""
+    (root / "s.bin").write_bytes(BODY[:1000])
     server = tftpd_server("--processes", "3", "-v", root=root)
     line = server.wait_for_log(r"listening on")
     assert "3 processes" in line
     kids = children(server.proc.pid)
     assert len(kids) == 2
-    assert udp_sockets_on(server.port, socket.AF_INET) == ["unconnected"] * 3
-    fetch_from_many_ports(server, 60)
-    # 60 client ports hashed over 3 sockets: every process took some
-    assert logged_pids(server, r"RRQ from \S+ f\.bin: sent", 3) == {server.proc.pid, *kids}
+    assert udp_sockets_on(server.port, socket.AF_INET) == ["unconnected"]   # the main one's
+    for _ in range(20):
+        with Peer(server.addr) as peer:
+            assert peer.download("s.bin").data == BODY[:1000]
+    assert served_by(server, 20, name="s.bin") == [server.proc.pid] * 20
     assert server.stop() == 0
     assert gone(kids, 10)
+
+
+def test_requests_in_hand_spread_evenly_over_the_processes(tftpd_server, root: Path) -> None:
+    """Each new request goes to the process with the fewest in hand (the
+    main one on a tie): nine held downloads are three in each of three."""
+    server = tftpd_server("--processes", "3", "-v", root=root)
+    kids = children(server.proc.pid)
+    held = hold(server, 9)
+    assert len({tid for _, tid in held}) == 9
+    finish(held)
+    assert Counter(served_by(server, 9)) == {server.proc.pid: 3, kids[0]: 3, kids[1]: 3}
+    assert server.stop() == 0
+
+
+def test_a_process_that_died_leaves_its_share_to_the_others(tftpd_server, root: Path) -> None:
+    server = tftpd_server("--processes", "2", "-v", root=root)
+    kids = children(server.proc.pid)
+    assert len(kids) == 1
+    os.kill(kids[0], signal.SIGKILL)
+    assert gone_or_zombie(kids[0], 5)
+    held = hold(server, 1)                 # the main process has one in hand: the next
+    fetch_from_many_ports(server, 2)       # would go to the other, which is gone
+    finish(held)
+    assert served_by(server, 3) == [server.proc.pid] * 3
+    server.wait_for_log(rf"serving process {kids[0]} is gone")
+    assert server.stop() == 1               # it ended with a signal: reported at the end
+    assert f"serving process {kids[0]} ended with status -9" in server.log()
+
+
+def gone_or_zombie(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_signals_reach_every_process(tftpd_server, root: Path) -> None:
@@ -113,8 +193,10 @@ def test_kill_9_of_the_main_process_ends_the_others(tftpd_server, root: Path) ->
 
 def test_a_retransmitted_request_is_one_transfer_with_several_processes(
         tftpd_server, root: Path) -> None:
-    server = tftpd_server("--processes", "4", root=root)
-    for _ in range(8):                   # several client ports: several processes
+    server = tftpd_server("--processes", "4", "-v", root=root)
+    kids = children(server.proc.pid)
+    held = hold(server, 1)               # the main process is busier: the next go to the others
+    for _ in range(8):
         with Peer(server.addr) as peer:
             request = rrq("f.bin", options={"timeout": "5"})
             for _ in range(4):
@@ -122,6 +204,9 @@ def test_a_retransmitted_request_is_one_transfer_with_several_processes(
             _, tid = peer.expect(op=OACK)
             assert peer.listen(0.3) == [], "a second transfer answered"
             assert _finish_download(peer, tid) == BODY
+    finish(held)
+    pids = served_by(server, 9)
+    assert pids.count(server.proc.pid) == 1 and set(pids) - {server.proc.pid} <= set(kids)
 
 
 def test_one_process_means_one(tftpd_server, root: Path) -> None:
@@ -137,7 +222,7 @@ def test_every_process_runs_as_nobody(tftpd_server, tree: Tree, tmp_path: Path) 
                           str(tree.ctl), root=tree.root)
     kids = children(server.proc.pid)
     assert len(kids) == 2
-    for i in range(12):                  # atftp from several ports reaches every process
+    for i in range(3):
         ok, said = get(server, "pub.txt", tmp_path / f"pub{i}")
         assert ok, said
     for pid in [server.proc.pid, *kids]:
@@ -166,12 +251,13 @@ def test_default_processes_serve_without_the_flag(tftpd_server, root: Path) -> N
 
 
 def test_a_second_server_on_the_port_refuses_to_start(tftpd_server, root: Path) -> None:
-    """SO_REUSEPORT would let a second tftpd of the same user share the port
-    (and split the requests with the first) without a word: it must fail to
-    bind, as any server on a busy port does, and the first keeps serving."""
+    """A second tftpd on the port (several processes or not) must fail to
+    bind, as any server on a busy port does, and the first keeps serving
+    (SO_REUSEPORT, which tftpd once used for --processes, would have let it
+    share the port and the requests without a word)."""
     from test_cli import hermetic, tftpd
     server = tftpd_server(root=root)
-    assert len(children(server.proc.pid)) >= 1          # several processes: SO_REUSEPORT in use
+    assert len(children(server.proc.pid)) >= 1          # several processes
     r = tftpd("-p", str(server.port), "--address", server.addr[0], "--root", str(root),
               *hermetic(root.parent))
     assert r.returncode == 1, r.stderr

@@ -137,8 +137,9 @@ FLAGS: Sequence[Flag] = (
     Flag(None, "queue", "N", "queue_limit",
          "requests that may wait for a free worker (default 1024)", _int(1, 100000)),
     Flag(None, "processes", "N", "processes",
-         "with -p: serving processes sharing the port, each with up to -c transfers "
-         "(default: four per CPU, at most 16)", _int(1, 64)),
+         "with -p: serving processes, each with up to -c transfers; the main one reads "
+         "the port and passes requests to the least busy (default: four per CPU, at most 16)",
+         _int(1, 64)),
     Flag(None, "daemon", None, "daemon", "with -p: detach and run in the background"),
     Flag(None, "pidfile", "FILE", "pidfile", "PID lock file for --daemon (default /run/tftpd.pid)",
          _text),

@@ -18,7 +18,7 @@ from .files import MAP_MIN_BLKSIZE
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import FrameType
-    from typing import Callable, List, Optional
+    from typing import Any, Callable, List, Optional, Tuple
 
     from .config import Config
 
@@ -140,14 +140,13 @@ def default_processes() -> int:
 
 
 def standalone(config: Config) -> int:
-    from .server import bind_siblings, bind_standalone
+    from .server import bind_standalone
     if not _setup_log(config, stderr=True):
         return 1
     assert config.port is not None
     count = config.processes or default_processes()
     try:
-        sock = bind_standalone(config.port, config.address, reuse_port=count > 1)
-        socks = [sock] + bind_siblings(sock, count - 1)
+        sock = bind_standalone(config.port, config.address)
     except OSError as e:
         where = f"{config.address or '*'} port {config.port}"
         sys.stderr.write(f"tftpd: cannot bind {where}: {e.strerror or e}\n")
@@ -156,49 +155,55 @@ def standalone(config: Config) -> int:
         # Bound in the foreground (errors above reach the terminal); now detach.
         from . import daemonize
         absolute = config.replace(access_file=os.path.abspath(config.access_file))
-        return daemonize.run(config.pidfile, socks,
-                             lambda ready: _serve_standalone(absolute, socks, ready))
-    return _serve_standalone(config, socks)
+        return daemonize.run(config.pidfile, [sock],
+                             lambda ready: _serve_standalone(absolute, sock, count, ready))
+    return _serve_standalone(config, sock, count)
 
 
-def _serve_standalone(config: Config, socks: List[socket.socket],
+def _serve_standalone(config: Config, sock: socket.socket, count: int,
                       ready: Optional[Callable[[], None]] = None) -> int:
-    """Serve on ``socks``: the first in this process, each other one in a
-    process forked for it (after the privilege drop, before any thread)."""
+    """Serve on ``sock`` from ``count`` processes: this one reads the
+    requests and passes some to the others (spread.py), forked after the
+    privilege drop, before any thread."""
     from .server import Server, enable_pktinfo, show
+    from .spread import Router, Shared, channel
     log = logsetup.getLogger("tftpd")
-    if not _drop_privileges(config, len(socks)):
-        for s in socks:
-            s.close()
+    shared = Shared(count - 1) if count > 1 else None
+    if not _drop_privileges(config, count):
+        sock.close()
         return 1
     table = _policy(config)
     parent = os.getpid()
     children: List[int] = []
-    for sock in socks:
-        # now, not in each process's Server: a request that reaches a process
-        # still starting must already carry its destination address
-        enable_pktinfo(sock)
+    outs: List[socket.socket] = []
+    enable_pktinfo(sock)
     # Signals wait (blocked) until each process has its handlers: a SIGHUP
     # passed on to a process still starting must not kill it.
     signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
-    if len(socks) > 1:
+    if shared is not None:
         _freeze_for_fork()
-    for sock in socks[1:]:
-        pid = os.fork()
-        if pid == 0:
-            _serve_child(config, sock, socks, table, parent)      # never returns
-        children.append(pid)
-        sock.close()
-    sock = socks[0]
-    server = Server(config, [sock], table, children=children)
+        for slot in range(count - 1):
+            out, inbox = channel()
+            pid = os.fork()
+            if pid == 0:
+                for s in [sock, out] + outs:
+                    s.close()
+                _serve_child(config, (inbox, shared.done, slot), table, parent)  # never returns
+            children.append(pid)
+            inbox.close()
+            outs.append(out)
+    server = Server(config, [sock], table, children=children,
+                    router=Router(outs, shared.done, children) if shared is not None else None)
     server.install_signals()
     _reload_on_hup(table)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
     log.info("listening on %s (root %s%s)", show(sock.getsockname()), config.root,
-             f", {len(socks)} processes" if children else "")
+             f", {count} processes" if children else "")
     if ready is not None:
         ready()
     status = server.serve()
+    for out in outs:
+        out.close()
     return _reap(children, log) or status
 
 
@@ -212,21 +217,19 @@ def _freeze_for_fork() -> None:
     gc.freeze()
 
 
-def _serve_child(config: Config, sock: socket.socket, socks: List[socket.socket],
+def _serve_child(config: Config, inbox: Tuple[socket.socket, Any, int],
                  table: AccessTable, parent: int) -> None:
-    """A further serving process: serve ``sock`` until a signal the parent
-    passes on (or the parent's death) ends it; then exit without returning."""
+    """A further serving process: serve the requests the main process passes
+    to ``inbox`` until a signal the parent passes on (or the parent's death)
+    ends it; then exit without returning."""
     from .server import Server
     status = 1
     try:
-        for other in socks:
-            if other is not sock:
-                other.close()
         _die_with(parent)
         if config.daemon:
             from . import daemonize
             daemonize.forget_foreground()
-        server = Server(config, [sock], table)
+        server = Server(config, [], table, inbox=inbox)
         server.install_signals()
         _reload_on_hup(table)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)

@@ -23,6 +23,7 @@ from . import log as logsetup
 from . import paths
 from .admission import Admission
 from .packets import MalformedPacket, Opcode, Request, TftpError, decode
+from .spread import unpack
 from .trace import describe, tracer
 from .transfer import Outcome, Receiver, Rto, Sender, stray_reply
 from .worker import drive, make_transmit
@@ -33,12 +34,13 @@ if TYPE_CHECKING:
 
     from .admission import Plan, Policy
     from .config import Config
+    from .spread import Router
     from .trace import Trace
 
     Address = Tuple[Any, ...]      # (host, port) or (host, port, flowinfo, scope_id)
     Engine = Union[Sender, Receiver]
 
-__all__ = ["Server", "Job", "bind_standalone", "bind_siblings", "local_address",
+__all__ = ["Server", "Job", "bind_standalone", "local_address",
            "bind_transfer", "stray_catcher"]
 
 log = logsetup.getLogger("tftpd")
@@ -502,9 +504,20 @@ class _Poller:
 
 class Server:
     def __init__(self, config: Config, sockets: List[socket.socket], policy: Policy,
-                 *, idle_exit: bool = False, children: Sequence[int] = ()) -> None:
+                 *, idle_exit: bool = False, children: Sequence[int] = (),
+                 router: Optional[Router] = None,
+                 inbox: Optional[Tuple[socket.socket, Any, int]] = None) -> None:
         self.config = config
         self.children = children        # PIDs of the other serving processes: signals go on
+        # --processes (spread.py): the main process passes requests on with
+        # ``router``; each other one reads them from its ``inbox`` socket and
+        # counts those it is done with in its slot of the shared ``done``.
+        self._router = router
+        self._inbox: Optional[socket.socket] = None
+        self._done: Any = None
+        self._slot = 0
+        if inbox is not None:
+            self._inbox, self._done, self._slot = inbox
         self.sockets = sockets
         self._family = {s: s.family for s in sockets}   # (a property call per request)
         self.admission = Admission(config, policy, umask=_current_umask())
@@ -524,6 +537,9 @@ class Server:
         if hasattr(select, "epoll"):
             self._group, self._leads = select.epoll(), select.epoll()
         self._by_fd = {s.fileno(): s for s in sockets}
+        if self._inbox is not None:
+            self._inbox.setblocking(False)
+            self._by_fd[self._inbox.fileno()] = self._inbox
         self._stop_r, self._stop_w = socket.socketpair()    # never drained
         self._kick_r, self._kick_w = socket.socketpair()    # a job was queued
         for s in (self._stop_w, self._kick_r, self._kick_w):
@@ -699,7 +715,7 @@ class Server:
     def _shutdown(self) -> int:
         self._stop_leading()
         self.pool.wait_unled(2.0)           # out of recvmsg before the sockets close
-        for s in self.sockets:
+        for s in self.sockets + ([self._inbox] if self._inbox is not None else []):
             try:
                 s.close()
             except OSError:
@@ -849,7 +865,10 @@ class Server:
 
     def _job(self, sock: socket.socket, data: bytes, anc: List[Tuple[int, int, bytes]],
              peer: Address) -> Optional[Job]:
-        """The job for a request datagram; None for junk and retransmissions."""
+        """The job for a request datagram; None for junk, retransmissions and
+        requests passed to another process."""
+        if sock is self._inbox:
+            return self._passed(data)
         try:
             packet = decode(data)
         except MalformedPacket:
@@ -870,9 +889,57 @@ class Server:
             old = self.active.get(key)
             if old is not None and is_retransmission(old, arrival(anc)):
                 return None                # a retransmitted request: not a second transfer
+            router = self._router
+            if router is not None:
+                where = router.pick(key, self._in_hand())
+                if where >= 0 and router.send(where, key, bind, family, arrival(anc)):
+                    return None
             job = Job(packet, peer, bind, family, self.last_activity, key)
             self.active[key] = job
         return job
+
+    def _in_hand(self) -> int:
+        """Requests this process has queued or is serving, less those whose
+        transfer is over but for closing (a client asking for one file after
+        another sends the next request meanwhile).  Under ``lock``."""
+        n = 0
+        for job in self.active.values():
+            engine = job.engine
+            if engine is None or engine.outcome is Outcome.RUNNING:
+                n += 1
+        return n
+
+    def _passed(self, message: bytes) -> Optional[Job]:
+        """The job for a request the main process passed on (``_job`` there
+        decoded it and found its local address)."""
+        if not message:                    # end of file: the main process is gone
+            self.stop()
+            return None
+        try:
+            data, peer, bind, family, arrived = unpack(message)
+            packet = decode(data)
+            if not isinstance(packet, Request):
+                raise ValueError("not a request")
+        except (ValueError, MalformedPacket) as e:
+            log.warning("dropped a request passed on by the main process: %s", e)
+            self._count_done()
+            return None
+        if self.debug:
+            log.debug("trace %s < %s", show(peer), describe((data,)))
+        self.last_activity = time.monotonic()
+        key = (peer, data)
+        with self.lock:
+            old = self.active.get(key)
+            if old is not None and is_retransmission(old, arrived):
+                self._done[self._slot] += 1
+                return None
+            job = Job(packet, peer, bind, family, self.last_activity, key)
+            self.active[key] = job
+        return job
+
+    def _count_done(self) -> None:
+        with self.lock:
+            self._done[self._slot] += 1
 
     def _answer_strays(self, catcher: socket.socket, buf: bytearray) -> None:
         """ERROR 5 to datagrams sent to a transfer's port by anyone but its peer."""
@@ -913,6 +980,8 @@ class Server:
             if self.active.get(job.key) is job:
                 del self.active[job.key]
             self.transfers.pop(id(job), None)
+            if self._done is not None:
+                self._done[self._slot] += 1
         self.last_activity = time.monotonic()
 
     # -- one transfer (in a worker thread) ---------------------------------
@@ -1077,37 +1146,13 @@ def stray_catcher(sock: socket.socket, peer: Address) -> Optional[socket.socket]
 
 def _reuse_port(s: socket.socket) -> None:
     if _SO_REUSEPORT is None:
-        raise OSError("SO_REUSEPORT is not available: use --processes 1")
+        raise OSError("SO_REUSEPORT is not available")
     s.setsockopt(socket.SOL_SOCKET, _SO_REUSEPORT, 1)
 
 
-def bind_standalone(port: int, address: Optional[str],
-                    reuse_port: bool = False) -> socket.socket:
+def bind_standalone(port: int, address: Optional[str]) -> socket.socket:
     """Bind the request socket: ``[::]`` dual-stack where possible, else
-    0.0.0.0.  ``reuse_port``: with SO_REUSEPORT, for ``bind_siblings``.
-
-    With ``reuse_port`` the port is first bound without SO_REUSEPORT: that
-    bind fails if anyone holds the port, another tftpd included (the flag
-    alone would let a second server of the same user share the port, and
-    the requests, without a word); for port 0 it finds a free port (with the
-    flag, the kernel may hand out one that another SO_REUSEPORT socket of the
-    same user holds, e.g. a transfer's)."""
-    if not reuse_port:
-        return _bind_request_socket(port, address, False)
-    for _ in range(20):
-        probe = _bind_request_socket(port, address, False)
-        free = probe.getsockname()[1]
-        probe.close()
-        try:
-            return _bind_request_socket(free, address, True)
-        except OSError as e:
-            if e.errno != errno.EADDRINUSE or port:
-                raise
-    raise OSError(errno.EADDRINUSE, "no free port found")
-
-
-def _bind_request_socket(port: int, address: Optional[str],
-                         reuse_port: bool) -> socket.socket:
+    0.0.0.0 (or ``address``)."""
     if address is None:
         try:
             s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -1116,16 +1161,12 @@ def _bind_request_socket(port: int, address: Optional[str],
         if s is not None:
             try:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                if reuse_port:
-                    _reuse_port(s)
                 s.bind(("::", port))
                 return s
             except OSError:
                 s.close()
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            if reuse_port:
-                _reuse_port(s)
             s.bind(("0.0.0.0", port))
         except OSError:
             s.close()
@@ -1139,32 +1180,8 @@ def _bind_request_socket(port: int, address: Optional[str],
     try:
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        if reuse_port:
-            _reuse_port(s)
         s.bind(info[4])
     except OSError:
         s.close()
         raise
     return s
-
-
-def bind_siblings(first: socket.socket, count: int) -> List[socket.socket]:
-    """``count`` more request sockets on ``first``'s address and port (bound
-    with SO_REUSEPORT), one for each further serving process.  The kernel
-    hashes each client's address and port to one socket of the group, so a
-    client's retransmitted request reaches the process serving it."""
-    out: List[socket.socket] = []
-    try:
-        for _ in range(count):
-            s = socket.socket(first.family, socket.SOCK_DGRAM)
-            out.append(s)
-            if first.family == socket.AF_INET6:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY,
-                             first.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
-            _reuse_port(s)
-            s.bind(first.getsockname())
-    except OSError:
-        for s in out:
-            s.close()
-        raise
-    return out
