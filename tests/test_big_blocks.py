@@ -100,3 +100,28 @@ def test_file_truncated_during_a_big_block_transfer(tftpd_server, tmp_path: Path
     with Peer(server.addr) as peer:
         res = peer.download("big.bin", options={"blksize": str(blksize)})
     assert res.error is None and res.data == content[:100_000]
+
+
+def test_a_file_kept_mapped_is_served_as_it_is_now(tftpd_server, tmp_path: Path) -> None:
+    """A file stays mapped for its next download (one process: the same one
+    serves both); a file replaced by a rename, or rewritten in place, is
+    served new, never from what was mapped before."""
+    blksize = 65464
+    root = tmp_path / "root"
+    root.mkdir()
+    path = root / "boot.img"
+    server = tftpd_server("-v", "--processes", "1", root=root)
+    opts = {"blksize": str(blksize)}
+    versions = [body(3 * blksize + 11, seed) for seed in (1, 2, 3)]
+    path.write_bytes(versions[0])
+    for _ in range(2):
+        with Peer(server.addr) as peer:
+            assert peer.download("boot.img", options=opts).data == versions[0]
+    (root / "boot.new").write_bytes(versions[1])
+    os.rename(root / "boot.new", path)                  # a new inode of the same size
+    with Peer(server.addr) as peer:
+        assert peer.download("boot.img", options=opts).data == versions[1]
+    with open(path, "r+b") as f:                        # the same inode and size, new bytes
+        f.write(versions[2])
+    with Peer(server.addr) as peer:
+        assert peer.download("boot.img", options=opts).data == versions[2]

@@ -388,6 +388,45 @@ def test_small_source_blocks_are_the_files_slices(case: tuple) -> None:
                                              + body[(i - 1) * blksize:i * blksize])
 
 
+def test_a_file_is_kept_mapped_for_its_next_transfer() -> None:
+    blksize = 65464
+    body = pattern(3 * blksize + 7)
+    with TempFd(body) as fd:
+        first = files.file_source(fd, blksize, len(body))
+        second = files.file_source(fd, blksize, len(body))
+        assert second.view.obj is first.view.obj                 # one mapping
+        os.pwrite(fd, b"new!", blksize)                          # shared: shows the file now
+        assert bytes(second.packet(2, 2)[1][:4]) == b"new!"
+        os.pwrite(fd, b"more", len(body))                        # another size: another mapping
+        third = files.file_source(fd, blksize, len(body) + 4)
+        assert third.view.obj is not first.view.obj
+        assert bytes(third.packet(4, 4)[1]) == body[3 * blksize:] + b"more"
+
+
+def test_only_the_most_recent_files_stay_mapped() -> None:
+    blksize = 32768
+    fds = [TempFd(pattern(blksize + i)) for i in range(files.KEEP_MAPPED + 1)]
+    try:
+        views = [files.file_source(t.fd, blksize, blksize + i).view for i, t in enumerate(fds)]
+        kept = set(map(id, files._kept.values()))
+        assert id(views[0]) not in kept                          # the oldest went
+        assert all(id(v) in kept for v in views[1:])
+        assert bytes(views[0][:4]) == pattern(blksize)[:4]       # still valid where it is used
+    finally:
+        for t in fds:
+            t.file.close()
+
+
+def test_a_file_too_big_to_keep_mapped_is_mapped_a_window_at_a_time() -> None:
+    blksize = 32768
+    body = pattern(10 * blksize)
+    with TempFd(body) as fd, mock.patch.object(files, "KEEP_MAPPED_MAX", 9 * blksize), \
+            mock.patch.object(files, "MAP_WINDOW", 2 * blksize):
+        src = files.file_source(fd, blksize, len(body))
+        assert isinstance(src, files.MappedSource) and src.hi == 2 * blksize
+        assert b"".join(bytes(src.packet(i, i)[1]) for i in range(1, 12)) == body
+
+
 def test_a_file_that_cannot_be_mapped_is_read() -> None:
     body = pattern(100_000)
     import mmap
@@ -410,8 +449,9 @@ def test_mapped_source_of_a_file_that_grew_serves_it_to_its_new_end() -> None:
 
 
 def test_mapped_source_of_a_file_that_shrank_fails_as_a_read_error() -> None:
-    """Past the mapped window the new mapping fails; inside it the send does
-    (EFAULT), never a SIGBUS: the server only hands the pages to the kernel."""
+    """Past the mapped window the new mapping fails; inside it (or anywhere in
+    a file mapped whole) the send does (EFAULT), never a SIGBUS: the server
+    only hands the pages to the kernel."""
     from tftpd.transfer import SHRANK
     from tftpd.worker import make_transmit
     blksize = 65464
@@ -425,17 +465,26 @@ def test_mapped_source_of_a_file_that_shrank_fails_as_a_read_error() -> None:
         peer = rx.getsockname()
         tx.connect(peer)
         with TempFd(body) as fd:
-            src = files.file_source(fd, blksize, len(body))
-            for transmit in (make_transmit(tx), make_transmit(tx, peer=peer)):
-                transmit(src.packet(2, 2), peer)
-                assert rx.recv(70000) == b"\x00\x03\x00\x02" + body[blksize:2 * blksize]
+            kept = files.file_source(fd, blksize, len(body))
+            assert kept.hi == len(body)                          # mapped whole
+            with mock.patch.object(files, "KEEP_MAPPED_MAX", 0):
+                windowed = files.file_source(fd, blksize, len(body))
+            assert windowed.hi < len(body)
+            for src in (kept, windowed):
+                for transmit in (make_transmit(tx), make_transmit(tx, peer=peer)):
+                    transmit(src.packet(2, 2), peer)
+                    assert rx.recv(70000) == b"\x00\x03\x00\x02" + body[blksize:2 * blksize]
             os.ftruncate(fd, 4096)
-            for transmit in (make_transmit(tx), make_transmit(tx, peer=peer)):
-                with pytest.raises(OSError) as raised:
-                    transmit(src.packet(3, 3), peer)             # mapped, now past the end
-                assert raised.value.strerror == SHRANK
+            for src in (kept, windowed):
+                for transmit in (make_transmit(tx), make_transmit(tx, peer=peer)):
+                    with pytest.raises(OSError) as raised:
+                        transmit(src.packet(3, 3), peer)         # mapped, now past the end
+                    assert raised.value.strerror == SHRANK
             with pytest.raises(OSError) as raised:
-                src.packet(39, 39)                               # a new mapping
+                transmit(kept.packet(39, 39), peer)              # mapped whole: the send fails
+            assert raised.value.strerror == SHRANK
+            with pytest.raises(OSError) as raised:
+                windowed.packet(39, 39)                          # a new window: mapping it fails
             assert raised.value.strerror == SHRANK
     finally:
         rx.close()
