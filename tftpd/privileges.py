@@ -30,6 +30,7 @@ __all__ = ["PrivilegeError", "Identity", "lookup", "drop", "verify", "preload", 
 PRELOAD = {
     "tempfile": "upload",        # files.AtomicFile: a WRQ (only with -n)
     "ctypes": "processes",       # main._die_with: each further serving process (--processes)
+    "tftpd.spread": "processes",  # main and Server: requests passed between the processes
     "mmap": "big blocks",        # files.MappedSource: a download at blksize >= 32768
 }
 

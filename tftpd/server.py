@@ -23,7 +23,6 @@ from . import log as logsetup
 from . import paths
 from .admission import Admission
 from .packets import MalformedPacket, Opcode, Request, TftpError, decode
-from .spread import unpack
 from .trace import describe, tracer
 from .transfer import Outcome, Receiver, Rto, Sender, stray_reply
 from .worker import drive, make_transmit
@@ -517,6 +516,8 @@ class Server:
         self._done: Any = None
         self._slot = 0
         if inbox is not None:
+            from .spread import unpack    # here: an inetd start never needs it
+            self._unpack = unpack
             self._inbox, self._done, self._slot = inbox
         self.sockets = sockets
         self._family = {s: s.family for s in sockets}   # (a property call per request)
@@ -916,7 +917,7 @@ class Server:
             self.stop()
             return None
         try:
-            data, peer, bind, family, arrived = unpack(message)
+            data, peer, bind, family, arrived = self._unpack(message)
             packet = decode(data)
             if not isinstance(packet, Request):
                 raise ValueError("not a request")
