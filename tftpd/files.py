@@ -202,8 +202,8 @@ def _kept_mapping(fd: int, size: int) -> Optional[memoryview]:
     65464, 20-22 against 15.5 us of CPU per block).  The mapping is shared,
     so it shows the file as it is now; it goes when it is neither among the
     ``KEEP_MAPPED`` most recent nor used by a transfer.  None for a file too
-    big to keep or empty; OSError if it cannot be mapped."""
-    if not 0 < size <= KEEP_MAPPED_MAX:
+    big to keep; OSError if it cannot be mapped."""
+    if size > KEEP_MAPPED_MAX:
         return None
     st = os.fstat(fd)
     key = (st.st_dev, st.st_ino, size)
@@ -221,10 +221,7 @@ def _kept_mapping(fd: int, size: int) -> Optional[memoryview]:
         return None
     _kept[key] = view
     while len(_kept) > KEEP_MAPPED:
-        try:
-            _kept.popitem(last=False)
-        except KeyError:
-            break
+        _kept.popitem(last=False)
     return view
 
 

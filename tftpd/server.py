@@ -10,7 +10,6 @@ the local address the request was sent to.
 from __future__ import annotations
 
 import collections
-import errno
 import os
 import select
 import signal
@@ -706,11 +705,7 @@ class Server:
                 s.close()
 
     def _drain_wake(self) -> None:
-        try:
-            while self._wake_r.recv(64):
-                pass
-        except OSError:
-            pass
+        _drain(self._wake_r)
         self._apply_control()
 
     def _shutdown(self) -> int:
@@ -845,11 +840,7 @@ class Server:
             pass                              # full: a kick is pending anyway
 
     def _unkick(self) -> None:
-        try:
-            while self._kick_r.recv(64):
-                pass
-        except OSError:
-            pass
+        _drain(self._kick_r)
 
     def _request(self, sock: socket.socket, data: bytes, anc: List[Tuple[int, int, bytes]],
                  peer: Address) -> None:
@@ -1098,6 +1089,15 @@ def _in_force(plan: Plan) -> str:
     if acked:
         text += "; negotiated: " + " ".join(k for k, _ in acked)
     return text
+
+
+def _drain(sock: socket.socket) -> None:
+    """Read a non-blocking wake-up socket empty."""
+    try:
+        while sock.recv(64):
+            pass
+    except OSError:
+        pass
 
 
 def _so_debug(sock: socket.socket, on: bool = True) -> None:

@@ -117,4 +117,4 @@ def unpack(message: bytes) -> Tuple[bytes, Any, Any, int, float]:
         data, peer, bind, family, arrived = marshal.loads(message)
     except (EOFError, TypeError, ValueError) as e:
         raise ValueError(f"bad message: {e}") from None
-    return data, tuple(peer), tuple(bind), family, arrived
+    return data, peer, bind, family, arrived
