@@ -152,6 +152,8 @@ def negotiate(opcode: Opcode, options: Options, limits: Limits,
     number of bytes the transfer will carry (after netascii conversion).
     """
     n = Negotiated()
+    if not options:
+        return n
     seen = set()
     for raw_name, value in options:
         name = raw_name.decode("latin-1").lower()
