@@ -22,7 +22,7 @@ from typing import Any, List, Tuple
 import pytest
 
 from conftest import ServerProcess
-from tftpclient import OACK, Peer, rrq
+from tftpclient import DATA, OACK, Peer, ack, rrq
 from test_privileges import Tree, assert_is_nobody, as_root, get, tree  # noqa: F401
 from test_server import _finish_download, udp_sockets_on
 
@@ -113,8 +113,7 @@ def test_one_client_after_another_is_served_by_the_main_process(
         tftpd_server, root: Path) -> None:
     """A quiet server serves each small download in the main process (no
     hand-over, its caches warm; with SO_REUSEPORT each new client port went
-    to any).  (After a long transfer the next request may come while the
-    main process still closes it: it then goes to another.)"""
+    to any)."""
     (root / "s.bin").write_bytes(BODY[:1000])
     server = tftpd_server("--processes", "3", "-v", root=root)
     line = server.wait_for_log(r"listening on")
@@ -128,6 +127,36 @@ def test_one_client_after_another_is_served_by_the_main_process(
     assert served_by(server, 20, name="s.bin") == [server.proc.pid] * 20
     assert server.stop() == 0
     assert gone(kids, 10)
+
+
+def test_back_to_back_downloads_stay_in_the_main_process(tftpd_server, root: Path) -> None:
+    """A client that sends its next request right behind the final ACK (as
+    a C client does, and a boot loader fetching file after file) finds the
+    main process with that transfer sent but for the ACK: it is not counted
+    as in hand, so the next one is served there too, not in a process with
+    cold caches and without the file's mapping."""
+    server = tftpd_server("--processes", "3", "-v", root=root)
+    peer = Peer(server.addr)
+    peer.send(rrq("f.bin"))
+    for i in range(12):
+        got = bytearray()
+        for block in range(1, 100):
+            pkt, tid = peer.expect(op=DATA)
+            assert pkt.block == block
+            got += pkt.payload
+            if len(pkt.payload) < 512:
+                break
+            peer.send(ack(block), tid)
+        assert got == BODY
+        following = Peer(server.addr)
+        peer.send(ack(block), tid)
+        if i < 11:
+            following.send(rrq("f.bin"))      # right behind the final ACK
+        peer.close()
+        peer = following
+    peer.close()
+    assert served_by(server, 12) == [server.proc.pid] * 12
+    assert server.stop() == 0
 
 
 def test_requests_in_hand_spread_evenly_over_the_processes(tftpd_server, root: Path) -> None:

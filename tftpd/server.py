@@ -892,12 +892,13 @@ class Server:
 
     def _in_hand(self) -> int:
         """Requests this process has queued or is serving, less those whose
-        transfer is over but for closing (a client asking for one file after
-        another sends the next request meanwhile).  Under ``lock``."""
+        transfer is over but for closing or for the peer's last ACKs (a
+        client asking for one file after another sends the next request
+        right behind its final ACK).  Under ``lock``."""
         n = 0
         for job in self.active.values():
             engine = job.engine
-            if engine is None or engine.outcome is Outcome.RUNNING:
+            if engine is None or (engine.outcome is Outcome.RUNNING and not engine.all_sent):
                 n += 1
         return n
 

@@ -201,6 +201,11 @@ class _Transfer:
     def done(self) -> bool:
         return self.deadline == math.inf
 
+    @property
+    def all_sent(self) -> bool:
+        """Is every block out, so that only the peer's last ACKs are awaited?"""
+        return False
+
     def _finish(self, outcome: Outcome, message: str = "",
                 error: Optional[Tuple[ErrorCode, str]] = None) -> None:
         if error is not None:
@@ -267,6 +272,13 @@ class Sender(_Transfer):
         self.modulus = self.wire.modulus
 
     @property
+    def all_sent(self) -> bool:
+        # ``last`` is set just before the final block goes out, so this is
+        # true before the peer can answer it (the request loop asks while
+        # this thread may still be inside that send)
+        return self.last > 0
+
+    @property
     def bytes(self) -> int:
         """File bytes the peer has acknowledged."""
         if self.last and self.base > self.last:
@@ -295,12 +307,13 @@ class Sender(_Transfer):
         try:
             while index < end:
                 pkt = packet(index, index if index <= 65535 else self.wire.number(index))
+                n = wire_length(pkt)
+                if n < full:              # (set before it goes: see all_sent)
+                    self.last = index
+                    self.last_len = n - 4
                 transmit(pkt, peer)
                 index += 1
-                n = wire_length(pkt)
                 if n < full:
-                    self.last = index - 1
-                    self.last_len = n - 4
                     break
         except OSError as e:
             self._finish(Outcome.ERROR, f"read failed: {e.strerror or e}",
@@ -405,14 +418,16 @@ class Sender(_Transfer):
                             pkts = run(index, wire_number(index))
                             lo, hi = index, index + len(pkts)
                         pkt = pkts[index - lo]
+                        n = size(pkt)
+                        if n < full:          # the final block: known before it goes
+                            last, last_len = index, n - 4
+                            self.last = index
                         try:
                             send(pkt)
                         except OSError as e:
                             send_failed(e)
                         index += 1
-                        n = size(pkt)
-                        if n < full:
-                            last, last_len = index - 1, n - 4
+                        if last:
                             break
                 except OSError as e:
                     failed = e
