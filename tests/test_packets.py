@@ -52,12 +52,16 @@ def test_decode_exact_bytes(packet: object, wire: bytes) -> None:
 
 def test_request_opcode_is_the_enum() -> None:
     req = decode(b"\x00\x02f\x00octet\x00")
-    assert isinstance(req, Request) and req.opcode is Opcode.WRQ
+    assert isinstance(req, Request) and req.opcode == Opcode.WRQ
 
 
 def test_wire_values() -> None:
-    assert [int(o) for o in Opcode] == [1, 2, 3, 4, 5, 6]
-    assert [int(c) for c in ErrorCode] == list(range(9))
+    assert [Opcode.RRQ, Opcode.WRQ, Opcode.DATA, Opcode.ACK, Opcode.ERROR,
+            Opcode.OACK] == [1, 2, 3, 4, 5, 6]
+    assert [ErrorCode.UNDEFINED, ErrorCode.FILE_NOT_FOUND, ErrorCode.ACCESS_VIOLATION,
+            ErrorCode.DISK_FULL, ErrorCode.ILLEGAL_OPERATION, ErrorCode.UNKNOWN_TID,
+            ErrorCode.FILE_EXISTS, ErrorCode.NO_SUCH_USER,
+            ErrorCode.OPTION_REFUSED] == list(range(9))
 
 
 def test_helpers_exact_bytes() -> None:
@@ -71,7 +75,7 @@ def test_helpers_exact_bytes() -> None:
 
 def test_tftp_error_carries_code_and_packet() -> None:
     e = TftpError(ErrorCode.FILE_NOT_FOUND, "File not found")
-    assert e.code is ErrorCode.FILE_NOT_FOUND and e.message == "File not found"
+    assert e.code == ErrorCode.FILE_NOT_FOUND and e.message == "File not found"
     assert e.packet() == b"\x00\x05\x00\x01File not found\x00"
     assert TftpError(6, "exists").code is ErrorCode.FILE_EXISTS   # type: ignore[arg-type]
     assert decode(e.packet()) == Error(1, b"File not found")

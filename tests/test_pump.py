@@ -219,9 +219,9 @@ def test_pump_follows_block_numbers_past_65535(rollover: int, windowsize: int, k
         dgram = ack(a.wire.number(a.next - 1))
         events.append(("dgram", t, dgram))
         a.receive(memoryview(dgram), CLIENT, t)
-    assert a.outcome is Outcome.OK and a.bytes == len(body)
+    assert a.outcome == Outcome.OK and a.bytes == len(body)
     pumped(b, rec_b, events)
-    assert b.outcome is Outcome.OK and b.bytes == len(body)
+    assert b.outcome == Outcome.OK and b.bytes == len(body)
     sent = [p for p, addr in rec_b.sent if addr == CLIENT]
     assert sent == [p for p, _ in rec_a.sent]
     assert state(b) == state(a)
@@ -250,7 +250,7 @@ def test_pump_read_error_ends_with_error_0_as_the_general_path_does() -> None:
         results.append((rec.sent, s.outcome, s.message, s.done))
     assert results[0] == results[1]
     sent, outcome, message, done = results[1]
-    assert outcome is Outcome.ERROR and "read failed" in message and done
+    assert outcome == Outcome.ERROR and "read failed" in message and done
     assert sent[-1][0].startswith(b"\x00\x05\x00\x00")   # ERROR 0 "Read error"
     assert sum(addr == CLIENT for _, addr in sent) == 5     # DATA 1-4, then the ERROR
 

@@ -129,7 +129,7 @@ def test_silent_peer_gets_first_reply_exactly_first_reply_timeouts_times(kind: s
     assert sends == FIRST_REPLY_TIMEOUTS
     assert all(p in ([first], []) for _, p in firings)
     assert firings[-1][1] == []           # the last timeout sends nothing
-    assert engine.outcome is Outcome.TIMEOUT and engine.done
+    assert engine.outcome == Outcome.TIMEOUT and engine.done
     # backoff: 1 s, then 2 s, then 4 s
     assert [t for t, _ in firings] == [101.0, 103.0, 107.0]
     assert FIRST_REPLY_TIMEOUTS < 6       # fewer than the default -x
@@ -150,7 +150,7 @@ def test_small_max_timeouts_also_limits_the_first_reply(kind: str) -> None:
     engine.start(0.0)
     sends = len(rec.take()) + sum(len(p) for _, p in run_timers(engine, rec))
     assert sends == 2
-    assert engine.outcome is Outcome.TIMEOUT
+    assert engine.outcome == Outcome.TIMEOUT
 
 
 @pytest.mark.parametrize("x", [1, 2, 3, 6, 10])
@@ -165,7 +165,7 @@ def test_after_the_peer_answered_max_timeouts_governs_sender(x: int) -> None:
     firings = run_timers(s, rec)
     assert 1 + sum(len(p) for _, p in firings) == x
     assert all(p in ([block2], []) for _, p in firings)
-    assert s.outcome is Outcome.TIMEOUT
+    assert s.outcome == Outcome.TIMEOUT
 
 
 @pytest.mark.parametrize("x", [1, 2, 3, 6, 10])
@@ -179,7 +179,7 @@ def test_after_the_peer_answered_max_timeouts_governs_receiver(x: int) -> None:
     firings = run_timers(r, rec)
     assert 1 + sum(len(p) for _, p in firings) == x
     assert all(p in ([ack(1)], []) for _, p in firings)
-    assert r.outcome is Outcome.TIMEOUT
+    assert r.outcome == Outcome.TIMEOUT
     assert r.sink.finished == 0
 
 
@@ -292,7 +292,7 @@ def test_duplicated_link_no_data_sent_on_duplicate_ack(windowsize: int) -> None:
                    schedule=Schedule(seed=7, dup=1.0))
     sends_on_dup = watch_duplicate_acks(sim)
     sim.run()
-    assert sim.engine.outcome is Outcome.OK
+    assert sim.engine.outcome == Outcome.OK
     assert bytes(sim.client.data) == body
     assert sends_on_dup == []
     if windowsize == 1:
@@ -365,12 +365,12 @@ def test_packet_from_another_tid_gets_error_5_and_transfer_goes_on(stray: tuple)
     rec.sent.clear()
     s.receive(error(0, b"bye"), stray, 0.1)  # an ERROR is never answered
     assert rec.sent == []
-    assert s.outcome is Outcome.RUNNING and s.deadline == deadline and s.base == 1
+    assert s.outcome == Outcome.RUNNING and s.deadline == deadline and s.base == 1
     s.receive(ack(1), CLIENT, 0.2)
     s.receive(ack(2), CLIENT, 0.3)
     s.receive(ack(3), CLIENT, 0.4)
     assert rec.take() == [data(2, body[8:16]), data(3, body[16:])]
-    assert s.outcome is Outcome.OK and s.bytes == 20
+    assert s.outcome == Outcome.OK and s.bytes == 20
 
 
 def test_receiver_answers_stray_with_error_5() -> None:
@@ -384,7 +384,7 @@ def test_receiver_answers_stray_with_error_5() -> None:
     rec.sent.clear()
     r.receive(data(1, b"good"), CLIENT, 0.2)
     assert rec.take() == [ack(1)]
-    assert r.outcome is Outcome.OK and bytes(r.sink.data) == b"good"
+    assert r.outcome == Outcome.OK and bytes(r.sink.data) == b"good"
 
 
 @pytest.mark.parametrize("direction", ["read", "write"])
@@ -397,7 +397,7 @@ def test_strays_during_a_lossy_transfer(direction: str) -> None:
         sim.inject(sim.now + 0.005 + i * 0.004, STRANGER,
                    ack(i) if direction == "read" else data(i, b"strangers"))
     sim.run()
-    assert sim.engine.outcome is Outcome.OK
+    assert sim.engine.outcome == Outcome.OK
     got = bytes(sim.client.data) if direction == "read" else bytes(sim.engine.sink.data)
     assert got == body
     to_stranger = [p for _, a, p in sim.server_sent if a == STRANGER]
@@ -432,7 +432,7 @@ def test_peer_error_ends_sender_quietly(err: bytes, acks: int, with_oack: bool) 
     rec.take()
     s.receive(err, CLIENT, 1.0 - 0.001)
     assert rec.sent == []
-    assert s.outcome is Outcome.PEER_ERROR and s.done
+    assert s.outcome == Outcome.PEER_ERROR and s.done
     s.on_timer(5.0)
     s.receive(ack(acks), CLIENT, 5.0)
     assert rec.sent == []
@@ -451,7 +451,7 @@ def test_peer_error_ends_receiver_quietly(err: bytes, blocks: int, with_oack: bo
     rec.take()
     r.receive(err, CLIENT, 0.5)
     assert rec.sent == []
-    assert r.outcome is Outcome.PEER_ERROR and r.done
+    assert r.outcome == Outcome.PEER_ERROR and r.done
     assert sink.finished == 0 and bytes(sink.data) == b"12345678" * blocks
 
 
@@ -464,7 +464,7 @@ def test_pxe_tsize_probe_after_oack() -> None:
     assert rec.take() == [oack]
     s.receive(b"\x00\x05\x00\x00TFTP Aborted\x00", CLIENT, 0.002)
     assert rec.sent == []
-    assert s.outcome is Outcome.PEER_ERROR
+    assert s.outcome == Outcome.PEER_ERROR
     assert "TFTP Aborted" in s.message
 
 
@@ -474,7 +474,7 @@ def test_peer_error_while_receiver_dallies_keeps_ok() -> None:
     r.start(0.0)
     r.receive(data(1, b"end"), CLIENT, 0.1)
     r.receive(error(0, b"whatever"), CLIENT, 0.2)
-    assert r.outcome is Outcome.OK
+    assert r.outcome == Outcome.OK
     assert rec.take() == [ack(0), ack(1)]
 
 
@@ -511,7 +511,7 @@ def test_malformed_packet_to_sender_gets_error_4(bad: bytes, answered: bool) -> 
     rec.take()
     s.receive(bad, CLIENT, 0.2)
     assert_single_error_4(rec)
-    assert s.outcome is Outcome.ERROR and s.done
+    assert s.outcome == Outcome.ERROR and s.done
     s.receive(ack(2), CLIENT, 0.3)
     s.on_timer(10.0)
     assert rec.sent == []
@@ -527,7 +527,7 @@ def test_malformed_packet_to_receiver_gets_error_4(bad: bytes) -> None:
     rec.take()
     r.receive(bad, CLIENT, 0.2)
     assert_single_error_4(rec)
-    assert r.outcome is Outcome.ERROR and r.done
+    assert r.outcome == Outcome.ERROR and r.done
     assert sink.finished == 0 and bytes(sink.data) == b"12345678"
 
 
@@ -569,10 +569,10 @@ def test_sender_window_go_back_on_gap_and_timeout() -> None:
     assert sent() == [10, 11]                # 11 is the short last block
     s.receive(ack(10), CLIENT, 3.1)
     assert sent() == [11]
-    assert s.outcome is Outcome.RUNNING
+    assert s.outcome == Outcome.RUNNING
     s.receive(ack(11), CLIENT, 3.2)
     assert sent() == []
-    assert s.outcome is Outcome.OK and s.bytes == len(body)
+    assert s.outcome == Outcome.OK and s.bytes == len(body)
 
 
 def test_sender_window_with_empty_final_block() -> None:
@@ -584,7 +584,7 @@ def test_sender_window_with_empty_final_block() -> None:
     assert out == [data(1, body[:8]), data(2, body[8:16]), data(3, body[16:24]),
                    data(4, body[24:]), data(5)]
     s.receive(ack(5), CLIENT, 0.1)
-    assert s.outcome is Outcome.OK and s.bytes == 32
+    assert s.outcome == Outcome.OK and s.bytes == 32
 
 
 def test_receiver_window_acks_per_window_and_once_per_gap() -> None:
@@ -609,7 +609,7 @@ def test_receiver_window_acks_per_window_and_once_per_gap() -> None:
     r.receive(data(6, b"end"), CLIENT, 0.3)      # short: ACK at once
     assert rec.take() == [ack(6)]
     assert bytes(sink.data) == b"".join(blocks[:5]) + b"end"
-    assert sink.finished == 1 and r.outcome is Outcome.OK and r.bytes == 43
+    assert sink.finished == 1 and r.outcome == Outcome.OK and r.bytes == 43
 
 
 @settings(max_examples=60, deadline=None)
@@ -633,8 +633,8 @@ def test_receiver_writes_only_in_order_prefix(draw: Any) -> None:
         assert bytes(sink.data) == body[:len(sink.data)]
         assert len(sink.data) >= written
         written = len(sink.data)
-        assert sink.finished == (1 if r.outcome is Outcome.OK else 0)
-    assert r.outcome is Outcome.OK and bytes(sink.data) == body
+        assert sink.finished == (1 if r.outcome == Outcome.OK else 0)
+    assert r.outcome == Outcome.OK and bytes(sink.data) == body
     for p in rec.take():
         assert opcode(p) == ACK
 
@@ -649,7 +649,7 @@ def test_receiver_dallies_and_reacks_final_data() -> None:
     r.receive(data(1, b"12345678"), CLIENT, 0.1)
     r.receive(data(2, b"end"), CLIENT, 0.2)
     assert rec.take() == [ack(0), ack(1), ack(2)]
-    assert r.outcome is Outcome.OK and not r.done and r.deadline == pytest.approx(2.2)
+    assert r.outcome == Outcome.OK and not r.done and r.deadline == pytest.approx(2.2)
     assert r.completed_at == 0.2
     r.receive(data(2, b"end"), CLIENT, 1.0)       # our ACK 2 was lost
     assert rec.take() == [ack(2)]
@@ -661,7 +661,7 @@ def test_receiver_dallies_and_reacks_final_data() -> None:
     r.on_timer(1.5)                               # too early: nothing
     assert not r.done
     r.on_timer(2.2)
-    assert r.done and r.outcome is Outcome.OK and rec.take() == []
+    assert r.done and r.outcome == Outcome.OK and rec.take() == []
 
 
 def test_receiver_dally_reacks_are_bounded() -> None:
@@ -695,7 +695,7 @@ def test_disk_full_during_write_is_error_3(err: int, fail_after: int) -> None:
     assert sent[-1] == ERR_DISK_FULL
     assert sent[:-1] == [ack(k) for k in range(1, len(sent))]
     assert len(sink.data) <= fail_after
-    assert r.outcome is Outcome.ERROR and r.done and sink.finished == 0
+    assert r.outcome == Outcome.ERROR and r.done and sink.finished == 0
     r.receive(data(i + 1, b"x"), CLIENT, t + 0.1)
     assert rec.sent == []
 
@@ -707,7 +707,7 @@ def test_disk_full_at_finish_is_error_3() -> None:
     r.start(0.0)
     r.receive(data(1, b"short"), CLIENT, 0.1)
     assert rec.take() == [ack(0), ERR_DISK_FULL]
-    assert r.outcome is Outcome.ERROR and r.done
+    assert r.outcome == Outcome.ERROR and r.done
 
 
 def test_other_write_error_is_error_0() -> None:
@@ -717,7 +717,7 @@ def test_other_write_error_is_error_0() -> None:
     r.receive(data(1, b"x"), CLIENT, 0.1)
     sent = rec.take()
     assert sent[0] == ack(0) and sent[1][:4] == b"\x00\x05\x00\x00" and len(sent) == 2
-    assert r.outcome is Outcome.ERROR
+    assert r.outcome == Outcome.ERROR
 
 
 class FailingSource:
@@ -741,7 +741,7 @@ def test_read_error_ends_sender_with_error_0() -> None:
     sent = rec.take()
     assert sent[:2] == [data(1, body[:8]), data(2, body[8:16])]
     assert sent[2][:4] == b"\x00\x05\x00\x00" and len(sent) == 3
-    assert s.outcome is Outcome.ERROR and s.done
+    assert s.outcome == Outcome.ERROR and s.done
 
 
 # --------------------------------------------------------------------------- abort
@@ -753,7 +753,7 @@ def test_abort_running_transfer_sends_error() -> None:
     rec.take()
     s.abort(0, "Server shutting down")
     assert rec.take() == [b"\x00\x05\x00\x00Server shutting down\x00"]
-    assert s.outcome is Outcome.ERROR and s.done
+    assert s.outcome == Outcome.ERROR and s.done
     s.abort(0, "again")
     assert rec.take() == []
 
@@ -765,7 +765,7 @@ def test_abort_while_dallying_is_quiet() -> None:
     r.receive(data(1, b"x"), CLIENT, 0.1)
     rec.take()
     r.abort(0, "Server shutting down")
-    assert rec.take() == [] and r.done and r.outcome is Outcome.OK
+    assert rec.take() == [] and r.done and r.outcome == Outcome.OK
 
 
 # --------------------------------------------------------------------------- whole transfers
@@ -776,7 +776,7 @@ def test_empty_file_is_one_empty_data() -> None:
     s.start(0.0)
     assert rec.take() == [data(1)]
     s.receive(ack(1), CLIENT, 0.1)
-    assert s.outcome is Outcome.OK and s.bytes == 0
+    assert s.outcome == Outcome.OK and s.bytes == 0
 
 
 SIZES_512 = [0, 1, 511, 512, 513, 1024, 1025, 512 * 7, 512 * 7 + 100]
@@ -789,11 +789,11 @@ def test_clean_link_exact_bytes_both_ways(size: int, windowsize: int) -> None:
     oack = make_oack(windowsize=windowsize) if windowsize > 1 else None
     blocks = size // 512 + 1
     r = read_sim(body, windowsize=windowsize, oack=oack).run()
-    assert r.engine.outcome is Outcome.OK and bytes(r.client.data) == body
+    assert r.engine.outcome == Outcome.OK and bytes(r.client.data) == body
     assert r.data_numbers() == list(range(1, blocks + 1))     # nothing resent
     assert r.engine.bytes == size and r.client.violations == []
     w = write_sim(body, windowsize=windowsize, oack=oack).run()
-    assert w.engine.outcome is Outcome.OK and bytes(w.engine.sink.data) == body
+    assert w.engine.outcome == Outcome.OK and bytes(w.engine.sink.data) == body
     assert w.engine.sink.finished == 1 and w.engine.bytes == size
     assert w.client.done and w.client.data_sent == blocks and w.client.violations == []
     replies = w.sent_to_client()
@@ -857,7 +857,7 @@ def test_lossy_link_read_exact_bytes_or_clean_timeout(case: tuple) -> None:
         assert OACK not in kinds[kinds.index(DATA):]
     assert bytes(client.data) == body[:len(client.data)]
     assert engine.outcome in (Outcome.OK, Outcome.TIMEOUT)
-    if engine.outcome is Outcome.OK:
+    if engine.outcome == Outcome.OK:
         assert client.done and bytes(client.data) == body and engine.bytes == size
     else:
         _bounded_failure(sim)
@@ -879,13 +879,13 @@ def test_lossy_link_write_exact_bytes_or_clean_timeout(case: tuple) -> None:
     assert client.violations == []
     assert bytes(sink.data) == body[:len(sink.data)]
     assert engine.outcome in (Outcome.OK, Outcome.TIMEOUT)
-    if engine.outcome is Outcome.OK:
+    if engine.outcome == Outcome.OK:
         assert bytes(sink.data) == body and sink.finished == 1 and engine.bytes == size
     else:
         assert sink.finished == 0
         _bounded_failure(sim)
     if client.done:                       # it saw the final ACK
-        assert engine.outcome is Outcome.OK
+        assert engine.outcome == Outcome.OK
 
 
 # --------------------------------------------------------------------------- block number wrap
@@ -898,7 +898,7 @@ def test_sender_block_numbers_wrap(rollover: int) -> None:
     body = content(8 * (WRAP_BLOCKS - 1) + 3)
     sim = read_sim(body, blksize=8, windowsize=16, rollover=rollover,
                    oack=make_oack(blksize=8, windowsize=16, rollover=rollover)).run()
-    assert sim.engine.outcome is Outcome.OK
+    assert sim.engine.outcome == Outcome.OK
     assert bytes(sim.client.data) == body
     numbers = sim.data_numbers()
     assert len(numbers) == WRAP_BLOCKS
@@ -913,7 +913,7 @@ def test_receiver_block_numbers_wrap(rollover: int) -> None:
     body = content(8 * (WRAP_BLOCKS - 1))        # ends with an empty block
     sim = write_sim(body, blksize=8, windowsize=16, rollover=rollover,
                     oack=make_oack(blksize=8, windowsize=16, rollover=rollover)).run()
-    assert sim.engine.outcome is Outcome.OK
+    assert sim.engine.outcome == Outcome.OK
     assert bytes(sim.engine.sink.data) == body and sim.engine.sink.finished == 1
     acks = [number(p) for p in sim.sent_to_client()[1:]]
     expected = [wire_number(i, rollover) for i in range(16, WRAP_BLOCKS + 1, 16)]
@@ -926,12 +926,12 @@ def test_wrap_with_losses_at_the_wrap() -> None:
     drops = frozenset({("server", 65535), ("client", 65536)})
     sim = read_sim(body, blksize=8, schedule=Schedule(drop=drops),
                    oack=None, rto=0.5).run()
-    assert sim.engine.outcome is Outcome.OK and bytes(sim.client.data) == body
+    assert sim.engine.outcome == Outcome.OK and bytes(sim.client.data) == body
     numbers = sim.data_numbers()
     assert numbers.count(0) == 2 and numbers.count(1) == 3   # each lost once, 1 also at start
     w = write_sim(body, blksize=8, schedule=Schedule(drop=frozenset(
         {("client", 65535), ("server", 65537)}))).run()
-    assert w.engine.outcome is Outcome.OK and bytes(w.engine.sink.data) == body
+    assert w.engine.outcome == Outcome.OK and bytes(w.engine.sink.data) == body
 
 
 # --------------------------------------------------------------------------- real files
@@ -963,7 +963,7 @@ def test_real_files_through_a_lossy_link(blksize: int, windowsize: int, text: bo
                            schedule=schedule, source=src).run()
             got = bytes(sim.client.data)
             assert got == wire[:len(got)]
-            if sim.engine.outcome is Outcome.OK:
+            if sim.engine.outcome == Outcome.OK:
                 assert got == wire
             if text:
                 assert netascii.encoded_size(fd) == len(wire)
@@ -975,12 +975,12 @@ def test_real_files_through_a_lossy_link(blksize: int, windowsize: int, text: bo
         w = write_sim(wire, blksize=blksize, windowsize=windowsize, oack=opts,
                       schedule=schedule, sink=sink).run()
         sink.abort()                        # what Plan.close() does in any case
-        if w.engine.outcome is Outcome.OK:
+        if w.engine.outcome == Outcome.OK:
             with open(target, "rb") as f:
                 assert f.read() == body
         else:
             assert not os.path.exists(target)
-        assert sorted(os.listdir(d)) == (["f", "up"] if w.engine.outcome is Outcome.OK else ["f"])
+        assert sorted(os.listdir(d)) == (["f", "up"] if w.engine.outcome == Outcome.OK else ["f"])
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -1001,7 +1001,7 @@ def test_client_error_at_any_moment_ends_quietly(direction: str, windowsize: int
 
     def receive(view: Any, addr: Any, now: float) -> None:
         if state["running"] is None and addr == CLIENT and bytes(view) == err:
-            state["running"] = engine.outcome is Outcome.RUNNING
+            state["running"] = engine.outcome == Outcome.RUNNING
             before = len(sim.server_sent)
             inner(view, addr, now)
             assert len(sim.server_sent) == before        # an ERROR is never answered
@@ -1013,7 +1013,7 @@ def test_client_error_at_any_moment_ends_quietly(direction: str, windowsize: int
     if state["running"] is None:          # it had ended before the ERROR came
         assert engine.outcome in (Outcome.OK, Outcome.TIMEOUT) and engine.done
     elif state["running"]:
-        assert engine.outcome is Outcome.PEER_ERROR and engine.done
+        assert engine.outcome == Outcome.PEER_ERROR and engine.done
         assert len(sim.server_sent) == state["count"]    # nothing more, timers included
         assert "user aborted" in engine.message
     else:                                 # it had finished (or was dallying) by then
@@ -1035,4 +1035,4 @@ def test_receiver_is_complete_before_its_final_ack_leaves() -> None:
     r.receive(b"\x00\x03\x00\x02" + b"y" * 3, CLIENT, 0.2)
     final, outcome, completed = seen[-1]
     assert final == b"\x00\x04\x00\x02"
-    assert outcome is Outcome.OK and completed == 0.2
+    assert outcome == Outcome.OK and completed == 0.2

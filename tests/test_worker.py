@@ -66,7 +66,7 @@ def test_watching_drive_calls_back_while_the_transfer_waits(pair) -> None:
         assert got == b"\x00\x03\x00\x02" + body[512:]
         client.sendto(b"\x00\x04\x00\x02", tid)
         done.join(10)
-        assert not done.is_alive() and engine.outcome is Outcome.OK
+        assert not done.is_alive() and engine.outcome == Outcome.OK
         assert calls == [1]                         # not called again once it said False
     finally:
         ring_r.close()
@@ -88,7 +88,7 @@ def test_watching_drive_takes_the_transfers_datagram_first(pair) -> None:
         time.sleep(0.05)                            # both queued before the wait
         _drive_watching(engine, server, bytearray(1024), engine.receive, time.monotonic,
                         (ring_r.fileno(), lambda: bool(calls.append(1))))
-        assert engine.outcome is Outcome.OK and calls == []
+        assert engine.outcome == Outcome.OK and calls == []
     finally:
         ring_r.close()
         ring_w.close()
@@ -112,7 +112,7 @@ def test_watching_drive_ends_at_once_on_a_forced_stop(pair) -> None:
             pass                                    # ENOTCONN: the wake-up happens anyway
         done.join(10)
         assert not done.is_alive()
-        assert engine.outcome is Outcome.ERROR and engine.message == "Server shutting down"
+        assert engine.outcome == Outcome.ERROR and engine.message == "Server shutting down"
         got, _ = client.recvfrom(600)
         assert got[:4] == b"\x00\x05\x00\x00" and b"shutting down" in got
     finally:
@@ -135,7 +135,7 @@ def test_watching_drive_traces_what_it_receives(pair) -> None:
         assert got == b"\x00\x03\x00\x01" + b"t" * 10
         client.sendto(b"\x00\x04\x00\x01", tid)
         done.join(10)
-        assert not done.is_alive() and engine.outcome is Outcome.OK
+        assert not done.is_alive() and engine.outcome == Outcome.OK
         assert seen == [("<", b"\x00\x04\x00\x01")]
     finally:
         ring_r.close()

@@ -68,7 +68,7 @@ class Plan:
     __slots__ = ("opcode", "path", "netascii", "negotiated", "oack", "source", "sink", "fd",
                  "size")
 
-    def __init__(self, opcode: Opcode, path: str, netascii: bool, negotiated: Negotiated,
+    def __init__(self, opcode: int, path: str, netascii: bool, negotiated: Negotiated,
                  oack: Optional[bytes],
                  source: Union[FileSource, MappedSource, SmallSource, NetasciiSource,
                                None] = None,

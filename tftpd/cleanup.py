@@ -27,7 +27,7 @@ import os
 import stat
 import time
 
-from .files import TEMP_PREFIX, TEMP_SUFFIX
+from .files import TEMP_LETTERS, TEMP_PREFIX, TEMP_SUFFIX
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:                   # typing stays off the start-up path
@@ -36,7 +36,7 @@ if TYPE_CHECKING:                   # typing stays off the start-up path
 __all__ = ["MIN_AGE", "is_temporary", "sweep"]
 
 MIN_AGE = 10.0          # seconds since the last write
-_RANDOM = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")   # tempfile's letters
+_RANDOM = frozenset(TEMP_LETTERS)
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 
 

@@ -38,7 +38,7 @@ from .log import ERROR, Handler, Record, getLogger
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import socket
+    import _socket
     from typing import Callable, List, Optional, Tuple
 
 __all__ = ["run", "check_pidfile", "read_pid", "process_alive"]
@@ -193,7 +193,7 @@ def forget_foreground() -> None:
     _foreground.clear()
 
 
-def run(pidfile: str, socks: List[socket.socket],
+def run(pidfile: str, socks: List[_socket.socket],
         start: Callable[[Callable[[], None]], int]) -> int:
     """Detach and run ``start(ready)`` in the daemon; return the exit status.
 

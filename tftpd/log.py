@@ -20,9 +20,9 @@ never ends a transfer).
 
 from __future__ import annotations
 
+import _socket
 import _thread
 import os
-import socket
 import sys
 import time
 
@@ -325,7 +325,7 @@ class SyslogHandler(Handler):
         super().__init__()
         self.path = path
         self.facility = facility
-        self.sock: Optional[socket.socket] = None
+        self.sock: Optional[_socket.socket] = None
         self.stream = False
         self.connect()
 
@@ -333,15 +333,15 @@ class SyslogHandler(Handler):
         """(Re)connect; raises OSError when there is no syslog daemon."""
         self.close_socket()
         error: Optional[OSError] = None
-        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-            s = socket.socket(socket.AF_UNIX, kind)
+        for kind in (_socket.SOCK_DGRAM, _socket.SOCK_STREAM):
+            s = _socket.socket(_socket.AF_UNIX, kind)
             try:
                 s.connect(self.path)
             except OSError as e:
                 s.close()
                 error = e
                 continue
-            self.sock, self.stream = s, kind == socket.SOCK_STREAM
+            self.sock, self.stream = s, kind == _socket.SOCK_STREAM
             return
         assert error is not None
         raise error

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import _socket
 import os
-import signal
-import socket
 import stat
 import sys
 
@@ -17,10 +16,13 @@ from .files import MAP_MIN_BLKSIZE
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal as _signal      # typed; at run time the same functions from _signal
     from types import FrameType
     from typing import Any, Callable, List, Optional, Tuple
 
     from .config import Config
+else:
+    import _signal       # (see server.py)
 
 __all__ = ["main"]
 
@@ -72,8 +74,6 @@ def _drop_privileges(config: Config, processes: int = 1) -> bool:
     """After binding: become --user (if root); False means do not serve."""
     log = logsetup.getLogger("tftpd")
     needs = []
-    if config.allow_write:
-        needs.append("upload")          # (tempfile: preloaded only when -n allows uploads)
     if processes > 1:
         needs.append("processes")
     if config.max_blksize >= MAP_MIN_BLKSIZE and "blksize" not in config.refused:
@@ -100,13 +100,13 @@ def _drop_privileges(config: Config, processes: int = 1) -> bool:
 
 def _reload_on_hup(table: AccessTable) -> None:
     """SIGHUP: re-read the access file at the next request (chains a prior handler)."""
-    prior = signal.getsignal(signal.SIGHUP)
+    prior = _signal.getsignal(_signal.SIGHUP)
 
     def on_hup(signum: int, frame: Optional[FrameType]) -> None:
         table.invalidate()
         if callable(prior):
             prior(signum, frame)
-    signal.signal(signal.SIGHUP, on_hup)
+    _signal.signal(_signal.SIGHUP, on_hup)
 
 
 def _setup_log(config: Config, stderr: bool) -> bool:
@@ -121,7 +121,7 @@ def _setup_log(config: Config, stderr: bool) -> bool:
 
 PROCESSES_PER_CPU = 4    # storm of 200 on 2 CPUs: 1 per CPU 17-19 s, 2 per CPU 13-14 s, 4 per CPU 9-13 s
 MAX_DEFAULT_PROCESSES = 16
-_HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+_HANDLED = {_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGUSR1, _signal.SIGUSR2}
 
 
 def default_processes() -> int:
@@ -160,7 +160,7 @@ def standalone(config: Config) -> int:
     return _serve_standalone(config, sock, count)
 
 
-def _serve_standalone(config: Config, sock: socket.socket, count: int,
+def _serve_standalone(config: Config, sock: _socket.socket, count: int,
                       ready: Optional[Callable[[], None]] = None) -> int:
     """Serve on ``sock`` from ``count`` processes: this one reads the
     requests and passes some to the others (spread.py), forked after the
@@ -175,11 +175,11 @@ def _serve_standalone(config: Config, sock: socket.socket, count: int,
     table = _policy(config)
     parent = os.getpid()
     children: List[int] = []
-    outs: List[socket.socket] = []
+    outs: List[_socket.socket] = []
     enable_pktinfo(sock)
     # Signals wait (blocked) until each process has its handlers: a SIGHUP
     # passed on to a process still starting must not kill it.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, _HANDLED)
     if shared is not None:
         _freeze_for_fork()
         for slot in range(count - 1):
@@ -196,7 +196,7 @@ def _serve_standalone(config: Config, sock: socket.socket, count: int,
                     router=Router(outs, shared.done, children) if shared is not None else None)
     server.install_signals()
     _reload_on_hup(table)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, _HANDLED)
     log.info("listening on %s (root %s%s)", show(sock.getsockname()), config.root,
              f", {count} processes" if children else "")
     if ready is not None:
@@ -217,7 +217,7 @@ def _freeze_for_fork() -> None:
     gc.freeze()
 
 
-def _serve_child(config: Config, inbox: Tuple[socket.socket, Any, int],
+def _serve_child(config: Config, inbox: Tuple[_socket.socket, Any, int],
                  table: AccessTable, parent: int) -> None:
     """A further serving process: serve the requests the main process passes
     to ``inbox`` until a signal the parent passes on (or the parent's death)
@@ -232,7 +232,7 @@ def _serve_child(config: Config, inbox: Tuple[socket.socket, Any, int],
         server = Server(config, [], table, inbox=inbox)
         server.install_signals()
         _reload_on_hup(table)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, _HANDLED)
         status = server.serve()
     except BaseException:
         logsetup.getLogger("tftpd").exception("serving process %d failed", os.getpid())
@@ -246,11 +246,11 @@ def _die_with(parent: int) -> None:
     import ctypes
     pr_set_pdeathsig = 1
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, _signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
         pass
     if os.getppid() != parent:        # it died before the call
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), _signal.SIGTERM)
 
 
 def _reap(children: List[int], log: logsetup.Logger) -> int:
@@ -287,14 +287,14 @@ def _not_a_socket() -> int:
 def inetd(config: Config) -> int:
     fd = _listen_fd()
     try:
-        sock = socket.socket(fileno=fd)
+        sock = _socket.socket(fileno=fd)
     except OSError:
         return _not_a_socket()
-    if sock.type != socket.SOCK_DGRAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        sock.detach()
-        return _not_a_socket()
-    listen = sock.dup()
+    family, kind = sock.family, sock.type
     sock.detach()
+    if kind != _socket.SOCK_DGRAM or family not in (_socket.AF_INET, _socket.AF_INET6):
+        return _not_a_socket()
+    listen = _socket.socket(family, kind, 0, _socket.dup(fd))
     # inetd gives the socket as fds 0, 1 and 2: nothing may be written to it.
     ino = os.fstat(listen.fileno()).st_ino
     stderr_ok = True

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from .packets import Options
 
-    Handler = Callable[["Negotiated", Opcode, bytes, "Limits"], Optional[bytes]]
+    Handler = Callable[["Negotiated", int, bytes, "Limits"], Optional[bytes]]
 
 __all__ = ["Limits", "Negotiated", "negotiate", "KNOWN_OPTIONS", "parse_uint",
            "MIN_BLKSIZE", "MAX_BLKSIZE", "DEFAULT_BLKSIZE"]
@@ -81,7 +81,7 @@ def parse_uint(value: bytes, max_digits: int = 10) -> Optional[int]:
     return int(value)
 
 
-def _blksize(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[bytes]:
+def _blksize(n: Negotiated, op: int, value: bytes, lim: Limits) -> Optional[bytes]:
     v = parse_uint(value)
     if v is None or not MIN_BLKSIZE <= v <= MAX_BLKSIZE:
         return None
@@ -96,7 +96,7 @@ def _blksize(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[b
 MAX_TSIZE_DIGITS = 40
 
 
-def _tsize(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[bytes]:
+def _tsize(n: Negotiated, op: int, value: bytes, lim: Limits) -> Optional[bytes]:
     v = parse_uint(value, max_digits=MAX_TSIZE_DIGITS)
     if v is None:
         if op == Opcode.WRQ and value.isdigit():
@@ -110,7 +110,7 @@ def _tsize(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[byt
     return value
 
 
-def _timeout(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[bytes]:
+def _timeout(n: Negotiated, op: int, value: bytes, lim: Limits) -> Optional[bytes]:
     v = parse_uint(value)
     if v is None or not 1 <= v <= 255:
         return None
@@ -118,7 +118,7 @@ def _timeout(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[b
     return str(v).encode()
 
 
-def _windowsize(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[bytes]:
+def _windowsize(n: Negotiated, op: int, value: bytes, lim: Limits) -> Optional[bytes]:
     v = parse_uint(value)
     if v is None or not 1 <= v <= MAX_WINDOWSIZE:
         return None
@@ -126,7 +126,7 @@ def _windowsize(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optiona
     return str(n.windowsize).encode()
 
 
-def _rollover(n: Negotiated, op: Opcode, value: bytes, lim: Limits) -> Optional[bytes]:
+def _rollover(n: Negotiated, op: int, value: bytes, lim: Limits) -> Optional[bytes]:
     v = parse_uint(value)
     if v not in (0, 1):
         return None
@@ -144,7 +144,7 @@ HANDLERS: Dict[str, Handler] = {
 KNOWN_OPTIONS = tuple(HANDLERS)
 
 
-def negotiate(opcode: Opcode, options: Options, limits: Limits,
+def negotiate(opcode: int, options: Options, limits: Limits,
               rrq_size: Optional[Callable[[], int]] = None) -> Negotiated:
     """Decide which options to acknowledge.
 

@@ -11,7 +11,6 @@ reads ACK/DATA headers straight from its receive buffer (see ``transfer.py``).
 
 from __future__ import annotations
 
-import enum
 import struct
 
 from .record import Frozen
@@ -30,7 +29,9 @@ __all__ = [
 ]
 
 
-class Opcode(enum.IntEnum):
+# Plain ints, not enum.IntEnum: with socket.py and signal.py (see server.py)
+# the enum module costs every inetd start over 1 ms.
+class Opcode:
     RRQ = 1
     WRQ = 2
     DATA = 3
@@ -39,7 +40,7 @@ class Opcode(enum.IntEnum):
     OACK = 6
 
 
-class ErrorCode(enum.IntEnum):
+class ErrorCode:
     UNDEFINED = 0
     FILE_NOT_FOUND = 1
     ACCESS_VIOLATION = 2
@@ -58,9 +59,9 @@ class MalformedPacket(ValueError):
 class TftpError(Exception):
     """A refusal that becomes an ERROR packet for the peer."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: int, message: str) -> None:
         super().__init__(code, message)
-        self.code = ErrorCode(code)
+        self.code = int(code)
         self.message = message
 
     def packet(self) -> bytes:
@@ -70,12 +71,12 @@ class TftpError(Exception):
 class Request(Frozen):
     """RRQ or WRQ. ``options`` keeps the client's order and spelling."""
     __slots__ = ("opcode", "filename", "mode", "options")
-    opcode: Opcode
+    opcode: int      # Opcode.RRQ or Opcode.WRQ
     filename: bytes
     mode: bytes
     options: Options
 
-    def __init__(self, opcode: Opcode, filename: bytes, mode: bytes,
+    def __init__(self, opcode: int, filename: bytes, mode: bytes,
                  options: Options = ()) -> None:
         self._init(opcode, filename, mode, options)
 
@@ -136,8 +137,7 @@ def _pairs(fields: List[bytes]) -> Options:
     return pairs
 
 
-_OPCODES = {int(op): op for op in Opcode}    # Opcode(n) without the enum's Python-level call
-_REQUEST_OPS = (int(Opcode.RRQ), int(Opcode.WRQ))
+_REQUEST_OPS = (Opcode.RRQ, Opcode.WRQ)
 
 
 def decode(datagram: bytes) -> Packet:
@@ -161,7 +161,7 @@ def decode(datagram: bytes) -> Packet:
             raise MalformedPacket("empty file name")
         if not mode:
             raise MalformedPacket("empty mode")
-        return Request(_OPCODES[op], filename, mode,
+        return Request(op, filename, mode,
                        _pairs(fields[2:]) if len(fields) > 2 else ())
     if op == Opcode.DATA:
         if len(data) < 4:

@@ -28,7 +28,6 @@ __all__ = ["PrivilegeError", "Identity", "lookup", "drop", "verify", "preload", 
 # function is listed here, made at some module's top level, or made before
 # the drop.)
 PRELOAD = {
-    "tempfile": "upload",        # files.AtomicFile: a WRQ (only with -n)
     "ctypes": "processes",       # main._die_with: each further serving process (--processes)
     "tftpd.spread": "processes",  # main and Server: requests passed between the processes
     "mmap": "big blocks",        # files.MappedSource: a download at blksize >= 32768
@@ -70,7 +69,7 @@ def _name(uid: int) -> str:
         return str(uid)
 
 
-def drop(user: str, needs: Sequence[str] = ("upload",)) -> str:
+def drop(user: str, needs: Sequence[str] = ()) -> str:
     """Become ``user`` if running as root; return a line saying who we are.
 
     ``needs`` says what the server will do after the drop (the values of

@@ -9,11 +9,10 @@ the local address the request was sent to.
 
 from __future__ import annotations
 
+import _socket
 import collections
 import os
 import select
-import signal
-import socket
 import sys
 import threading
 import time
@@ -28,6 +27,7 @@ from .worker import drive, make_transmit
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal as _signal      # typed; at run time the same functions from _signal
     from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
     from .admission import Plan, Policy
@@ -37,25 +37,31 @@ if TYPE_CHECKING:
 
     Address = Tuple[Any, ...]      # (host, port) or (host, port, flowinfo, scope_id)
     Engine = Union[Sender, Receiver]
+else:
+    # _socket and _signal, not socket and signal: the same functions and
+    # constants without the enums that socket.py and signal.py build from
+    # them, which cost an inetd start about 4 ms with the enum module
+    # (packets.Opcode is plain ints for the same reason).
+    import _signal
 
 __all__ = ["Server", "Job", "bind_standalone", "local_address",
            "bind_transfer", "stray_catcher"]
 
 log = logsetup.getLogger("tftpd")
 
-_IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
-_IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
-_IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
-_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_IP_PKTINFO = getattr(_socket, "IP_PKTINFO", 8)
+_IPV6_RECVPKTINFO = getattr(_socket, "IPV6_RECVPKTINFO", 49)
+_IPV6_PKTINFO = getattr(_socket, "IPV6_PKTINFO", 50)
+_SO_TIMESTAMPNS = getattr(_socket, "SO_TIMESTAMPNS", 35)
 # plain ints and functions for the per-request path (no module or enum look-ups)
-_SOL_IP, _SOL_IPV6 = int(socket.IPPROTO_IP), int(socket.IPPROTO_IPV6)
-_AF_INET, _AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
-_inet_ntop = socket.inet_ntop
+_SOL_IP, _SOL_IPV6 = int(_socket.IPPROTO_IP), int(_socket.IPPROTO_IPV6)
+_AF_INET, _AF_INET6 = int(_socket.AF_INET), int(_socket.AF_INET6)
+_inet_ntop = _socket.inet_ntop
 _V4_NAMES: Dict[bytes, str] = {}    # local_address: ipi_spec_dst -> its text
-_ANC_SIZE = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12) + socket.CMSG_SPACE(16)
+_ANC_SIZE = _socket.CMSG_SPACE(20) + _socket.CMSG_SPACE(12) + _socket.CMSG_SPACE(16)
 _REQUEST_MAX = 65536
 _THREAD_STACK = 512 * 1024
-_SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", None)
+_SO_REUSEPORT = getattr(_socket, "SO_REUSEPORT", None)
 _REQUESTS, _STRAYS, _WAKE, _GROUP = 0, 1, 2, 3   # what a descriptor of the request loop is for
 _LEADER_BATCH = 64     # datagrams a leading worker reads in a row looking for a request
 _STRAY_BATCH = 64      # strays answered per catcher per wake-up of the request loop
@@ -85,16 +91,16 @@ class Job:
         self.ended = False        # set before its socket is shut down to end it
 
 
-def enable_pktinfo(sock: socket.socket) -> None:
+def enable_pktinfo(sock: _socket.socket) -> None:
     """Ask for the destination address and the arrival time of each datagram."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        sock.setsockopt(_socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
     except OSError:
         pass
-    if sock.family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
+    if sock.family == _socket.AF_INET6:
+        sock.setsockopt(_socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
     try:
-        sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+        sock.setsockopt(_socket.IPPROTO_IP, _IP_PKTINFO, 1)
     except OSError:
         pass
 
@@ -102,7 +108,7 @@ def enable_pktinfo(sock: socket.socket) -> None:
 def arrival(ancdata: List[Tuple[int, int, bytes]]) -> float:
     """When the kernel received a datagram (CLOCK_REALTIME), else now."""
     for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= 16:
+        if level == _socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= 16:
             sec = int.from_bytes(data[0:8], sys.byteorder, signed=True)
             nsec = int.from_bytes(data[8:16], sys.byteorder, signed=True)
             return sec + nsec / 1e9
@@ -120,12 +126,12 @@ def is_retransmission(old: Job, arrived: float) -> bool:
     first answered: a resend read late by a busy request loop.
     """
     engine = old.engine
-    if engine is None or engine.outcome is Outcome.RUNNING or engine.answered_at is None:
+    if engine is None or engine.outcome == Outcome.RUNNING or engine.answered_at is None:
         return True
     return arrived < engine.answered_at + (time.time() - time.monotonic())
 
 
-def local_address(sock: socket.socket, ancdata: List[Tuple[int, int, bytes]]
+def local_address(sock: _socket.socket, ancdata: List[Tuple[int, int, bytes]]
                   ) -> Tuple[Optional[str], int]:
     """The local address to answer a datagram from, and its interface.
 
@@ -159,15 +165,15 @@ def _normalise(peer: Address, local: Optional[str], ifindex: int,
                family: int) -> Tuple[Address, Address, int]:
     """v4-mapped IPv6 peers become IPv4 (logged and served as such)."""
     host = peer[0]
-    if family == socket.AF_INET6 and host.startswith("::ffff:") and "." in host:
+    if family == _socket.AF_INET6 and host.startswith("::ffff:") and "." in host:
         if local and local.startswith("::ffff:"):
             lhost = local[7:]
         elif local and "." in local:
             lhost = local                  # from IP_PKTINFO
         else:
             lhost = "0.0.0.0"
-        return (host[7:], peer[1]), (lhost, 0), socket.AF_INET
-    if family == socket.AF_INET6:
+        return (host[7:], peer[1]), (lhost, 0), _socket.AF_INET
+    if family == _socket.AF_INET6:
         scope = peer[3] if len(peer) > 3 else ifindex
         return peer, (local or "::", 0, 0, scope if local and local.startswith("fe80") else 0), family
     return peer, (local or "0.0.0.0", 0), family
@@ -460,12 +466,12 @@ class _Poller:
     """
 
     def __init__(self) -> None:
-        self.targets: Dict[int, Tuple[int, socket.socket]] = {}
+        self.targets: Dict[int, Tuple[int, _socket.socket]] = {}
         self._impl: Any = select.epoll() if hasattr(select, "epoll") else select.poll()
         self._ms = not hasattr(select, "epoll")       # poll() counts milliseconds
         self._closed = False
 
-    def register(self, sock: socket.socket, what: int) -> None:
+    def register(self, sock: _socket.socket, what: int) -> None:
         if self._closed:
             raise ValueError("poller closed")
         fd = sock.fileno()
@@ -480,7 +486,7 @@ class _Poller:
         """Ask for a registered descriptor's events, or for none."""
         self._impl.modify(sock.fileno(), select.POLLIN if on else 0)
 
-    def unregister(self, sock: socket.socket) -> None:
+    def unregister(self, sock: _socket.socket) -> None:
         fd = sock.fileno()
         if self.targets.get(fd, (0, None))[1] is sock:
             del self.targets[fd]
@@ -501,17 +507,17 @@ class _Poller:
 
 
 class Server:
-    def __init__(self, config: Config, sockets: List[socket.socket], policy: Policy,
+    def __init__(self, config: Config, sockets: List[_socket.socket], policy: Policy,
                  *, idle_exit: bool = False, children: Sequence[int] = (),
                  router: Optional[Router] = None,
-                 inbox: Optional[Tuple[socket.socket, Any, int]] = None) -> None:
+                 inbox: Optional[Tuple[_socket.socket, Any, int]] = None) -> None:
         self.config = config
         self.children = children        # PIDs of the other serving processes: signals go on
         # --processes (spread.py): the main process passes requests on with
         # ``router``; each other one reads them from its ``inbox`` socket and
         # counts those it is done with in its slot of the shared ``done``.
         self._router = router
-        self._inbox: Optional[socket.socket] = None
+        self._inbox: Optional[_socket.socket] = None
         self._done: Any = None
         self._slot = 0
         if inbox is not None:
@@ -540,8 +546,8 @@ class Server:
         if self._inbox is not None:
             self._inbox.setblocking(False)
             self._by_fd[self._inbox.fileno()] = self._inbox
-        self._stop_r, self._stop_w = socket.socketpair()    # never drained
-        self._kick_r, self._kick_w = socket.socketpair()    # a job was queued
+        self._stop_r, self._stop_w = _socket.socketpair()    # never drained
+        self._kick_r, self._kick_w = _socket.socketpair()    # a job was queued
         for s in (self._stop_w, self._kick_r, self._kick_w):
             s.setblocking(False)
         self._leading_over = False
@@ -564,7 +570,7 @@ class Server:
         # request is recognised by this key; a different request from the same
         # port (tftp-hpa's interactive client reuses its port) is a new transfer.
         self.active: Dict[Tuple[Any, ...], Job] = {}
-        self.transfers: Dict[int, Tuple[socket.socket, Engine, Job]] = {}  # id(job) -> ...
+        self.transfers: Dict[int, Tuple[_socket.socket, Engine, Job]] = {}  # id(job) -> ...
         self.stopping = 0                          # 1: graceful, 2: forced
         self.last_activity = time.monotonic()
         self.dropped = 0
@@ -572,7 +578,7 @@ class Server:
         self.debug = config.socket_debug           # -s; SIGUSR1 on, SIGUSR2 off
         self._want_debug: Optional[bool] = None    # set by a signal, applied by the loop
         self._want_reopen = False                  # SIGHUP
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r, self._wake_w = _socket.socketpair()
         # The request loop also answers strays to the transfers' ports: each
         # transfer socket is connected to its peer, and a second socket bound
         # to the same port with SO_REUSEPORT (the "catcher") gets what others send.
@@ -588,13 +594,13 @@ class Server:
 
     # -- control -----------------------------------------------------------
     def install_signals(self) -> None:
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        _signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (_signal.SIGTERM, _signal.SIGINT):
+            _signal.signal(sig, self._on_signal)
         # AIX's SRC trace: SIGUSR1 turns socket debugging on, SIGUSR2 off.
-        signal.signal(signal.SIGUSR1, self._on_debug_signal)
-        signal.signal(signal.SIGUSR2, self._on_debug_signal)
-        signal.signal(signal.SIGHUP, self._on_hup)
+        _signal.signal(_signal.SIGUSR1, self._on_debug_signal)
+        _signal.signal(_signal.SIGUSR2, self._on_debug_signal)
+        _signal.signal(_signal.SIGHUP, self._on_hup)
 
     def _forward(self, signum: int) -> None:
         for pid in self.children:
@@ -611,7 +617,7 @@ class Server:
     # (woken by the signal wake-up fd), outside any logging call in progress.
     def _on_debug_signal(self, signum: int, frame: object) -> None:
         self._forward(signum)
-        self._want_debug = signum == signal.SIGUSR1
+        self._want_debug = signum == _signal.SIGUSR1
 
     def _on_hup(self, signum: int, frame: object) -> None:
         self._forward(signum)
@@ -739,14 +745,14 @@ class Server:
         with self.lock:
             running = list(self.transfers.values())
         for sock, engine, job in running:
-            if every or getattr(engine, "outcome", Outcome.RUNNING) is not Outcome.RUNNING:
+            if every or getattr(engine, "outcome", Outcome.RUNNING) != Outcome.RUNNING:
                 job.ended = True
                 try:
-                    sock.shutdown(socket.SHUT_RD)
+                    sock.shutdown(_socket.SHUT_RD)
                 except OSError:
                     pass
 
-    def _read_requests(self, sock: socket.socket, buf: bytearray) -> None:
+    def _read_requests(self, sock: _socket.socket, buf: bytearray) -> None:
         for _ in range(256):              # bounded batch per wake-up
             try:
                 n, anc, _flags, peer = sock.recvmsg_into([buf], _ANC_SIZE)
@@ -842,7 +848,7 @@ class Server:
     def _unkick(self) -> None:
         _drain(self._kick_r)
 
-    def _request(self, sock: socket.socket, data: bytes, anc: List[Tuple[int, int, bytes]],
+    def _request(self, sock: _socket.socket, data: bytes, anc: List[Tuple[int, int, bytes]],
                  peer: Address) -> None:
         job = self._job(sock, data, anc, peer)
         if job is not None and not self.pool.submit(job):
@@ -855,7 +861,7 @@ class Server:
                 self._drop_logged = now
                 self.dropped = 0
 
-    def _job(self, sock: socket.socket, data: bytes, anc: List[Tuple[int, int, bytes]],
+    def _job(self, sock: _socket.socket, data: bytes, anc: List[Tuple[int, int, bytes]],
              peer: Address) -> Optional[Job]:
         """The job for a request datagram; None for junk, retransmissions and
         requests passed to another process."""
@@ -898,7 +904,7 @@ class Server:
         n = 0
         for job in self.active.values():
             engine = job.engine
-            if engine is None or (engine.outcome is Outcome.RUNNING and not engine.all_sent):
+            if engine is None or (engine.outcome == Outcome.RUNNING and not engine.all_sent):
                 n += 1
         return n
 
@@ -934,7 +940,7 @@ class Server:
         with self.lock:
             self._done[self._slot] += 1
 
-    def _answer_strays(self, catcher: socket.socket, buf: bytearray) -> None:
+    def _answer_strays(self, catcher: _socket.socket, buf: bytearray) -> None:
         """ERROR 5 to datagrams sent to a transfer's port by anyone but its peer."""
         for _ in range(_STRAY_BATCH):
             try:
@@ -950,7 +956,7 @@ class Server:
                 except OSError:
                     pass
 
-    def _catch_strays(self, sock: socket.socket, peer: Address) -> Optional[socket.socket]:
+    def _catch_strays(self, sock: _socket.socket, peer: Address) -> Optional[_socket.socket]:
         """``stray_catcher``, registered with the request loop."""
         catcher = stray_catcher(sock, peer)
         if catcher is None:
@@ -961,7 +967,7 @@ class Server:
             catcher.close()        # strays now get ICMP port unreachable instead
         return catcher
 
-    def _drop_catcher(self, catcher: socket.socket) -> None:
+    def _drop_catcher(self, catcher: _socket.socket) -> None:
         try:
             self._poller.unregister(catcher)
         except (KeyError, ValueError, OSError):
@@ -990,8 +996,8 @@ class Server:
         req = job.request
         kind = "RRQ" if req.opcode == Opcode.RRQ else "WRQ"
         who = f"{show(job.peer)} " if self.config.log_address else ""
-        sock = socket.socket(job.family, socket.SOCK_DGRAM)
-        catcher: Optional[socket.socket] = None
+        sock = _socket.socket(job.family, _socket.SOCK_DGRAM)
+        catcher: Optional[_socket.socket] = None
         plan: Optional[Plan] = None
         trace = tracer(show) if self.debug else None
         try:
@@ -1041,7 +1047,7 @@ class Server:
                 self._drop_catcher(catcher)
             sock.close()
 
-    def _engine(self, plan: Plan, sock: socket.socket, peer: Address,
+    def _engine(self, plan: Plan, sock: _socket.socket, peer: Address,
                 trace: Optional[Trace] = None, connected: bool = False) -> Engine:
         n = plan.negotiated
         cfg = self.config
@@ -1061,14 +1067,14 @@ class Server:
     def _report(self, engine: Engine, plan: Plan, job: Job, kind: str,
                 who: str, start: float) -> None:
         end = engine.completed_at or time.monotonic()
-        if engine.outcome is Outcome.OK and not self.config.verbose:
+        if engine.outcome == Outcome.OK and not self.config.verbose:
             return                 # the common case: nothing to log, nothing to format
         name = paths.display(job.request.filename)
-        if engine.outcome is Outcome.OK:          # with -v
+        if engine.outcome == Outcome.OK:          # with -v
             log.info("%s from %s %s: %s %d bytes in %.3f s (%s)", kind, show(job.peer),
                      name, "sent" if kind == "RRQ" else "received", engine.bytes,
                      end - start, _in_force(plan))
-        elif engine.outcome is Outcome.PEER_ERROR:
+        elif engine.outcome == Outcome.PEER_ERROR:
             log.info("%s%s %s ended by client: %s", who, kind, name, engine.message)
         else:
             log.warning("%s%s %s failed after %d bytes: %s", who, kind, name,
@@ -1092,7 +1098,7 @@ def _in_force(plan: Plan) -> str:
     return text
 
 
-def _drain(sock: socket.socket) -> None:
+def _drain(sock: _socket.socket) -> None:
     """Read a non-blocking wake-up socket empty."""
     try:
         while sock.recv(64):
@@ -1101,10 +1107,10 @@ def _drain(sock: socket.socket) -> None:
         pass
 
 
-def _so_debug(sock: socket.socket, on: bool = True) -> None:
+def _so_debug(sock: _socket.socket, on: bool = True) -> None:
     """SO_DEBUG (Linux: needs CAP_NET_ADMIN; quietly skipped without it)."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_DEBUG, 1 if on else 0)
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_DEBUG, 1 if on else 0)
     except OSError:
         pass
 
@@ -1115,13 +1121,13 @@ def _current_umask() -> int:
     return mask
 
 
-def bind_transfer(sock: socket.socket, local: Address) -> None:
+def bind_transfer(sock: _socket.socket, local: Address) -> None:
     """Bind a transfer socket to a port of its own (no SO_REUSEPORT yet: see
     ``stray_catcher``)."""
     sock.bind(local)
 
 
-def stray_catcher(sock: socket.socket, peer: Address) -> Optional[socket.socket]:
+def stray_catcher(sock: _socket.socket, peer: Address) -> Optional[_socket.socket]:
     """Connect the bound transfer socket ``sock`` to ``peer`` and return a
     second, unconnected socket on the same address and port, which gets what
     anyone else sends there (the kernel prefers the connected socket for the
@@ -1131,7 +1137,7 @@ def stray_catcher(sock: socket.socket, peer: Address) -> Optional[socket.socket]
     bind to port 0 it lets the kernel hand out a port that another transfer
     socket with the flag already holds, and the two transfers would share it.
     """
-    catcher = socket.socket(sock.family, socket.SOCK_DGRAM)
+    catcher = _socket.socket(sock.family, _socket.SOCK_DGRAM)
     try:
         _reuse_port(sock)
         _reuse_port(catcher)
@@ -1141,33 +1147,33 @@ def stray_catcher(sock: socket.socket, peer: Address) -> Optional[socket.socket]
     except OSError:
         catcher.close()
         if _SO_REUSEPORT is not None:          # back as it was
-            sock.setsockopt(socket.SOL_SOCKET, _SO_REUSEPORT, 0)
+            sock.setsockopt(_socket.SOL_SOCKET, _SO_REUSEPORT, 0)
         return None
     return catcher
 
 
-def _reuse_port(s: socket.socket) -> None:
+def _reuse_port(s: _socket.socket) -> None:
     if _SO_REUSEPORT is None:
         raise OSError("SO_REUSEPORT is not available")
-    s.setsockopt(socket.SOL_SOCKET, _SO_REUSEPORT, 1)
+    s.setsockopt(_socket.SOL_SOCKET, _SO_REUSEPORT, 1)
 
 
-def bind_standalone(port: int, address: Optional[str]) -> socket.socket:
+def bind_standalone(port: int, address: Optional[str]) -> _socket.socket:
     """Bind the request socket: ``[::]`` dual-stack where possible, else
     0.0.0.0 (or ``address``)."""
     if address is None:
         try:
-            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            s = _socket.socket(_socket.AF_INET6, _socket.SOCK_DGRAM)
         except OSError:
             s = None
         if s is not None:
             try:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                s.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 0)
                 s.bind(("::", port))
                 return s
             except OSError:
                 s.close()
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
         try:
             s.bind(("0.0.0.0", port))
         except OSError:
@@ -1176,12 +1182,12 @@ def bind_standalone(port: int, address: Optional[str]) -> socket.socket:
         return s
     import ipaddress            # only with --address: inetd starts skip it
     ip = ipaddress.ip_address(address.split("%")[0])
-    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    info = socket.getaddrinfo(address, port, family, socket.SOCK_DGRAM)[0]
-    s = socket.socket(family, socket.SOCK_DGRAM)
+    family = _socket.AF_INET6 if ip.version == 6 else _socket.AF_INET
+    info = _socket.getaddrinfo(address, port, family, _socket.SOCK_DGRAM)[0]
+    s = _socket.socket(family, _socket.SOCK_DGRAM)
     try:
-        if family == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if family == _socket.AF_INET6:
+            s.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 1)
         s.bind(info[4])
     except OSError:
         s.close()

@@ -1,6 +1,6 @@
 """Requests shared out between serving processes (``--processes``).
 
-The main process alone reads the request socket.  It serves a new request
+The main process alone reads the request _socket.  It serves a new request
 itself while it has no more requests in hand than the least busy other
 process, and otherwise passes it to that process: the datagram as read, the
 client's address, the local address to answer from and the arrival time, over
@@ -22,8 +22,8 @@ processes use to recognise one), so the process serving it recognises it.
 
 from __future__ import annotations
 
+import _socket
 import marshal
-import socket
 
 from . import log as logsetup
 
@@ -51,9 +51,9 @@ class Shared:
         self.done = memoryview(self._map).cast("q")
 
 
-def channel() -> Tuple[socket.socket, socket.socket]:
+def channel() -> Tuple[_socket.socket, _socket.socket]:
     """(the main process's end, the other process's inbox)."""
-    main_end, inbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    main_end, inbox = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     main_end.setblocking(False)
     return main_end, inbox
 
@@ -63,7 +63,7 @@ class Router:
 
     __slots__ = ("outs", "done", "pids", "sent", "sticky")
 
-    def __init__(self, outs: List[socket.socket], done: Any, pids: List[int]) -> None:
+    def __init__(self, outs: List[_socket.socket], done: Any, pids: List[int]) -> None:
         self.outs = outs
         self.done = done
         self.pids = pids

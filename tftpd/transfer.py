@@ -21,7 +21,6 @@ first block the peer did not acknowledge) and block numbers that wrap past
 
 from __future__ import annotations
 
-import enum
 import errno
 import math
 import struct
@@ -83,7 +82,9 @@ def stray_reply(data: Buffer) -> Optional[bytes]:
     return _ERR_TID
 
 
-class Outcome(enum.Enum):
+class Outcome:
+    """How a transfer stands: one of these strings (not an enum: see
+    packets.Opcode)."""
     RUNNING = "running"
     OK = "ok"
     TIMEOUT = "timeout"
@@ -206,18 +207,18 @@ class _Transfer:
         """Is every block out, so that only the peer's last ACKs are awaited?"""
         return False
 
-    def _finish(self, outcome: Outcome, message: str = "",
-                error: Optional[Tuple[ErrorCode, str]] = None) -> None:
+    def _finish(self, outcome: str, message: str = "",
+                error: Optional[Tuple[int, str]] = None) -> None:
         if error is not None:
             self.transmit(error_packet(error[0], error[1]), self.peer)
-        if self.outcome is Outcome.RUNNING:
+        if self.outcome == Outcome.RUNNING:
             self.outcome = outcome
             self.message = message
         self.deadline = math.inf
 
-    def abort(self, code: ErrorCode, message: str) -> None:
+    def abort(self, code: int, message: str) -> None:
         """End the transfer with an ERROR to the peer (e.g. on shutdown)."""
-        if self.outcome is not Outcome.RUNNING:
+        if self.outcome != Outcome.RUNNING:
             self.deadline = math.inf      # dallying after success: just stop
         elif not self.done:
             self._finish(Outcome.ERROR, message, (code, message))

@@ -24,9 +24,9 @@ waits in ``poll()`` for its socket and the request sockets together
 
 from __future__ import annotations
 
+import _socket
 import os
 import select
-import socket
 import struct
 import time
 from functools import partial
@@ -46,13 +46,13 @@ if TYPE_CHECKING:
 
 __all__ = ["drive", "make_transmit"]
 
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_DONTWAIT = getattr(_socket, "MSG_DONTWAIT", 0)
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0)
 _HANGUP = _POLLRDHUP | select.POLLHUP
 _SENDER_RECV = 1024     # ACKs are 4 bytes; a longer ERROR is read truncated
 
 
-def make_transmit(sock: socket.socket, trace: Optional[Trace] = None,
+def make_transmit(sock: _socket.socket, trace: Optional[Trace] = None,
                   peer: Optional[Address] = None) -> Callable[[Packet, Address], None]:
     """``transmit(packet, addr)`` for an engine; with ``peer``, ``sock`` is
     connected to it and packets to ``peer`` (the same object) go by ``send``.
@@ -84,8 +84,8 @@ def make_transmit(sock: socket.socket, trace: Optional[Trace] = None,
     return traced
 
 
-def _set_timeout(sock: socket.socket, ms: int) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+def _set_timeout(sock: _socket.socket, ms: int) -> None:
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO,
                     struct.pack("ll", ms // 1000, (ms % 1000) * 1000))
 
 
@@ -93,7 +93,7 @@ def _never() -> bool:
     return False
 
 
-def drive(engine: Engine, sock: socket.socket,
+def drive(engine: Engine, sock: _socket.socket,
           clock: Callable[[], float] = time.monotonic,
           trace: Optional[Trace] = None, connected: bool = False,
           stopped: Callable[[], bool] = _never,
@@ -172,7 +172,7 @@ def drive(engine: Engine, sock: socket.socket,
         receive(view[:n], addr, clock())
 
 
-def _drive_watching(engine: Engine, sock: socket.socket, buf: bytearray,
+def _drive_watching(engine: Engine, sock: _socket.socket, buf: bytearray,
                     receive: Callable[[Buffer, Address, float], None],
                     clock: Callable[[], float], watch: Tuple[int, Callable[[], bool]]) -> None:
     """``drive``'s loop for an unconnected socket that waits in ``poll()``
