@@ -53,9 +53,9 @@ _IP_PKTINFO = getattr(_socket, "IP_PKTINFO", 8)
 _IPV6_RECVPKTINFO = getattr(_socket, "IPV6_RECVPKTINFO", 49)
 _IPV6_PKTINFO = getattr(_socket, "IPV6_PKTINFO", 50)
 _SO_TIMESTAMPNS = getattr(_socket, "SO_TIMESTAMPNS", 35)
-# plain ints and functions for the per-request path (no module or enum look-ups)
-_SOL_IP, _SOL_IPV6 = int(_socket.IPPROTO_IP), int(_socket.IPPROTO_IPV6)
-_AF_INET, _AF_INET6 = int(_socket.AF_INET), int(_socket.AF_INET6)
+# module-level names for the per-request path (no module attribute look-ups)
+_SOL_IP, _SOL_IPV6 = _socket.IPPROTO_IP, _socket.IPPROTO_IPV6
+_AF_INET, _AF_INET6 = _socket.AF_INET, _socket.AF_INET6
 _inet_ntop = _socket.inet_ntop
 _V4_NAMES: Dict[bytes, str] = {}    # local_address: ipi_spec_dst -> its text
 _ANC_SIZE = _socket.CMSG_SPACE(20) + _socket.CMSG_SPACE(12) + _socket.CMSG_SPACE(16)
