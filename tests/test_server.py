@@ -137,6 +137,25 @@ def test_rrq_sizes(shared: ServerProcess, size: int) -> None:
     assert res.tid[0] == shared.host and res.tid[1] != shared.port
 
 
+def test_wildcard_server_answers_each_request_from_its_address(tmp_path: Path) -> None:
+    """Bound to the wildcard (dual-stack), the server answers each request
+    from the address it was sent to, also when one client after another
+    changes address and family."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.bin").write_bytes(b"a" * 100)
+    server = launch(["-p", "0", "--root", str(root)] + hermetic(tmp_path), root)
+    try:
+        for dest in ["127.0.0.1", "127.0.0.2", "127.0.0.2", "::1", "127.0.0.1", "::1",
+                     "127.0.0.3", "127.0.0.1"]:
+            with Peer((dest, server.port)) as peer:
+                res = peer.download("a.bin")
+            assert res.error is None and res.data == b"a" * 100
+            assert res.tid[0] == dest and res.tid[1] != server.port
+    finally:
+        assert server.stop() == 0
+
+
 @pytest.mark.parametrize("size", SIZES + [5000])
 def test_wrq_sizes(shared: ServerProcess, size: int) -> None:
     content = payload(size, 1000 + size)
