@@ -1,6 +1,6 @@
 """Requests shared out between serving processes (``--processes``).
 
-The main process alone reads the request _socket.  It serves a new request
+The main process alone reads the request socket.  It serves a new request
 itself while it has no more requests in hand than the least busy other
 process, and otherwise passes it to that process: the datagram as read, the
 client's address, the local address to answer from and the arrival time, over

@@ -392,7 +392,7 @@ class Sender(_Transfer):
                 return [packet(index, number)]
         size = wire_length if getattr(source, "gathered", False) else len
         full = self.blksize + 4
-        last = last_len = 0
+        last = 0
         moved = False
         pack = _DATA_HDR.pack
         head = memoryview(buf)[:4]
@@ -421,8 +421,8 @@ class Sender(_Transfer):
                         pkt = pkts[index - lo]
                         n = size(pkt)
                         if n < full:          # the final block: known before it goes
-                            last, last_len = index, n - 4
-                            self.last = index
+                            last = self.last = index      # (see all_sent)
+                            self.last_len = n - 4
                         try:
                             send(pkt)
                         except OSError as e:
@@ -462,8 +462,6 @@ class Sender(_Transfer):
         finally:
             if moved:                 # write the state back
                 self.base, self.next, self.sent_at = base, nxt, sent_at
-                if last:
-                    self.last, self.last_len = last, last_len
                 if not fixed:
                     rto.srtt, rto.rttvar, rto.value = srtt, rttvar, v
                 if self.deadline != _INF:     # (timeouts is 0: pump starts after an answer)
