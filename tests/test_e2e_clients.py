@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterator, List
 
@@ -261,3 +262,44 @@ def test_tftp_hpa_session_reuses_its_port(env: Env) -> None:
         assert env.local(name).read_bytes() == env.text.read_bytes()
     for name in ("session-up-1.bin", "session-up-2.bin"):
         assert (env.root / name).read_bytes() == src.read_bytes()
+
+
+def test_every_client_at_once_from_one_process(env: Env, tmp_path: Path) -> None:
+    """Six real clients download at once from a server with one serving
+    process, so that its multiplexer pumps them together (lock-step at 512
+    and 1468, a window of 4): every copy is exact and nothing failed."""
+    clients = [need(c) for c in ("tftp", "atftp", "curl", "busybox")]
+    server = start_server(["-v", "--processes", "1", "--access-file", str(tmp_path / "none.ctl"),
+                           "--user", "root"], env.root, env.host)
+    try:
+        tftp, atftp, curl, busybox = clients
+        host, port = server.host, str(server.port)
+        url = f"tftp://{'[' + host + ']' if ':' in host else host}:{port}/random.bin"
+        family = "-6" if ":" in host else "-4"
+        out = {name: tmp_path / f"{name}.bin"
+               for name in ("hpa", "atftp", "curl", "curl1468", "busybox", "hpa2")}
+        commands = [
+            [tftp, family, "-m", "octet", host, port, "-c", "get", "random.bin", str(out["hpa"])],
+            [tftp, family, "-m", "octet", host, port, "-c", "get", "random.bin", str(out["hpa2"])],
+            [atftp, "--option", "blksize 1468", "--option", "windowsize 4", "-g", "-r",
+             "random.bin", "-l", str(out["atftp"]), host, port],
+            [curl, "-sS", "-g", "-o", str(out["curl"]), url],
+            [curl, "-sS", "-g", "--tftp-blksize", "1468", "-o", str(out["curl1468"]), url],
+            [busybox, "tftp", "-g", "-b", "1468", "-r", "random.bin", "-l", str(out["busybox"]),
+             host, port],
+        ]
+        procs = [subprocess.Popen(c, cwd=str(tmp_path), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for c in commands]
+        for p, c in zip(procs, commands):
+            output, _ = p.communicate(timeout=CLIENT_TIMEOUT)
+            assert p.returncode == 0, f"{c} exited {p.returncode}: {output!r}"
+        for name, path in out.items():
+            assert sha_file(path) == env.big_sha, name
+        deadline = time.monotonic() + 10
+        while sum("random.bin: sent " in line for line in server.lines) < 6:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        assert not any(" failed after " in line for line in server.lines), server.log()
+    finally:
+        server.stop()

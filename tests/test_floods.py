@@ -292,7 +292,7 @@ def test_boot_storm_beyond_c(tftpd_server, tmp_path) -> None:
           f"{elapsed:.1f} s; {retransmitted} request retransmissions; {len(dropped)} "
           f"'busy' log lines; threads <= {max_threads}; RSS {before:.1f} -> peak {peak:.1f} MiB")
     assert dropped, "the queue never overflowed: the storm did not go beyond -c"
-    assert max_threads <= 1 + WORKERS
+    assert max_threads <= 1 + WORKERS + 1      # with the multiplexer's thread
     assert peak < before + 64
     assert not any("internal error" in l or "Traceback" in l for l in server.lines)
 

@@ -16,7 +16,7 @@ import errno
 import os
 import struct
 import tempfile
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -84,12 +84,16 @@ def mark(rec: Recorder, i: int) -> None:
     rec.sent.append((b"event", ("#", i)))
 
 
-def general(s: Sender, rec: Recorder, events: List[Event]) -> None:
-    """Drive ``s`` through ``receive``/``on_timer`` only."""
+def general(s: Sender, rec: Recorder, events: List[Event],
+            deadlines: Optional[List[float]] = None) -> None:
+    """Drive ``s`` through ``receive``/``on_timer`` only; ``deadlines``
+    gets the deadline before each event."""
     s.start(0.0)
     for i, (kind, t, dgram) in enumerate(events):
         if s.done:
             break
+        if deadlines is not None:
+            deadlines.append(s.deadline)
         mark(rec, i)
         if kind == "timeout":
             s.on_timer(s.deadline)
@@ -97,10 +101,15 @@ def general(s: Sender, rec: Recorder, events: List[Event]) -> None:
             s.receive(memoryview(dgram), CLIENT, t)
 
 
-def pumped(s: Sender, rec: Recorder, events: List[Event]) -> None:
+def pumped(s: Sender, rec: Recorder, events: List[Event], stepped: bool = False,
+           deadlines: Optional[List[float]] = None) -> None:
     """Drive ``s`` as worker.drive does on a connected socket: ``recv``
     replays the events (a datagram is copied into the buffer, a timeout
-    raises as SO_RCVTIMEO does)."""
+    raises as SO_RCVTIMEO does).  ``stepped``: through ``steps`` as the
+    multiplexer does, which resumes it after each yield, and closes it
+    there when the timer expires (a timeout event next); at each yield the
+    sender's deadline must be the one ``deadlines`` (from ``general``) has
+    for the next event, as the multiplexer's timer reads it there."""
     clock = Clock()
     buf = bytearray(1024)
     pending = list(enumerate(events))
@@ -117,11 +126,26 @@ def pumped(s: Sender, rec: Recorder, events: List[Event]) -> None:
         buf[:len(dgram)] = dgram
         return len(dgram)
 
+    def stepping() -> int:
+        steps = s.steps(recv, send, buf, clock, True)
+        try:
+            while True:
+                next(steps)                     # waiting to read: the deadline is current
+                if pending and deadlines is not None and pending[0][0] < len(deadlines):
+                    assert s.deadline == deadlines[pending[0][0]]
+                if pending and pending[0][1][0] == "timeout":
+                    i, _ = pending.pop(0)
+                    mark(rec, i)
+                    steps.close()
+                    raise BlockingIOError(errno.EAGAIN, "timed out")
+        except StopIteration as e:
+            return e.value                      # type: ignore[no-any-return]
+
     s.start(0.0)
     try:
         while not s.done:
             try:
-                n = s.pump(recv, send, buf, clock)
+                n = stepping() if stepped else s.pump(recv, send, buf, clock)
             except BlockingIOError:
                 clock.now = s.deadline
                 s.on_timer(s.deadline)
@@ -181,20 +205,23 @@ def scenario(draw: Any) -> Tuple[Tuple[Any, ...], List[Event]]:
     return setup, events
 
 
+@pytest.mark.parametrize("stepped", [False, True], ids=["pump", "steps"])
 @pytest.mark.parametrize("kind", ["buffers", "pairs", "runs"])
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=scenario())
 def test_pump_behaves_exactly_as_the_general_path(case: Tuple[Tuple[Any, ...], List[Event]],
-                                                  kind: str) -> None:
+                                                  kind: str, stepped: bool) -> None:
     """... also when the pumped sender's source gives (header, payload) pairs
     (a mapped file), or runs of packets numbered at once (a file read in
-    runs): the same datagrams, byte for byte."""
+    runs): the same datagrams, byte for byte; and so does ``steps`` as the
+    multiplexer drives it, closed where the timer expires."""
     setup, events = case
     a, rec_a = make(*setup)
     b, rec_b = make(*setup, kind=kind)
+    deadlines: List[float] = []
     try:
-        general(a, rec_a, events)
-        pumped(b, rec_b, events)
+        general(a, rec_a, events, deadlines)
+        pumped(b, rec_b, events, stepped, deadlines)
         assert rec_b.sent == rec_a.sent
         assert state(b) == state(a)
     finally:

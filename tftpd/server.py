@@ -20,6 +20,7 @@ import time
 from . import log as logsetup
 from . import paths
 from .admission import Admission
+from .mux import Multiplexer
 from .packets import MalformedPacket, Opcode, Request, TftpError, decode
 from .trace import describe, tracer
 from .transfer import Outcome, Receiver, Rto, Sender, stray_reply
@@ -560,6 +561,7 @@ class Server:
                 self._leads.register(fd, select.EPOLLIN)
             self._leads.register(self._stop_r.fileno(), select.EPOLLIN)
             self._leads.register(self._kick_r.fileno(), select.EPOLLIN)
+        self.mux = Multiplexer()           # pumps of concurrent downloads
         self.pool = Pool(config.max_threads, config.queue_limit, self._run,
                          on_idle=self._wake if idle_exit
                          and config.idle_timeout < PENDING_POLL else None,
@@ -1038,7 +1040,7 @@ class Server:
             drive(engine, sock, trace=trace, connected=catcher is not None,
                   stopped=lambda: job.ended,
                   watch=(self._leads.fileno(), self._dispatch) if self.pool.is_leading()
-                  else None)
+                  else None, mux=self.mux)
             self._report(engine, plan, job, kind, who, start)
         finally:
             if plan is not None:

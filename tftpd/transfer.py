@@ -30,7 +30,7 @@ from .packets import ErrorCode, Opcode, error_packet
 # Types are for mypy only: importing typing costs every inetd start ~4 ms.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable, List, Optional, Protocol, Tuple, Union
+    from typing import Any, Callable, Generator, List, Optional, Protocol, Tuple, Union
 
     Address = Tuple[Any, ...]  # (host, port) or (host, port, flowinfo, scope_id)
     Buffer = Union[bytes, bytearray, memoryview]
@@ -373,9 +373,26 @@ class Sender(_Transfer):
         (waiting for ACK 0, after a timeout, ...) hands the first datagram
         straight back.
         """
+        try:
+            next(self.steps(recv, send, buf, clock, False))
+        except StopIteration as e:
+            return e.value        # type: ignore[no-any-return]
+        raise AssertionError("steps() waited without being asked to")
+
+    def steps(self, recv: Callable[[], int], send: Callable[[Any], object],
+              buf: bytearray, clock: Callable[[], float],
+              wait: bool) -> Generator[None, None, int]:
+        """``pump`` as a generator, for a multiplexer (``wait`` true): it
+        yields before each ``recv()`` until the socket is readable, keeps
+        ``deadline`` current after each window (for the multiplexer's timer)
+        and returns what ``pump`` returns.  Closed while it waits (the timer
+        expired), it writes the state back as ``pump`` does on returning.
+        Without ``wait`` it never yields: ``pump`` is that case."""
         rto = self.rto
         if (self.waiting_oack or self.retransmitted or not self.answered
                 or self.deadline == _INF or self.last):
+            if wait:
+                yield
             return recv()
         base, nxt, window, modulus = self.base, self.next, self.window, self.modulus
         wrap = self.wire.base
@@ -403,6 +420,8 @@ class Sender(_Transfer):
         failed: Optional[OSError] = None
         try:
             while True:
+                if wait:
+                    yield
                 n = recv()
                 if n != 4 or head != expect:
                     return n          # not that ACK (a duplicate, a gap...): the general path
@@ -453,6 +472,8 @@ class Sender(_Transfer):
                     return -1
                 if last or v != value:
                     return -1         # the end is in flight, or the timer moved
+                if wait:
+                    self.deadline = now + v
                 if nxt >= hi:         # the next window's first packet, while the peer works
                     try:
                         pkts = run(nxt, wire_number(nxt))

@@ -38,6 +38,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Callable, Optional, Tuple, Union
 
+    from .mux import Multiplexer
     from .trace import Trace
     from .transfer import Address, Packet
 
@@ -97,7 +98,8 @@ def drive(engine: Engine, sock: _socket.socket,
           clock: Callable[[], float] = time.monotonic,
           trace: Optional[Trace] = None, connected: bool = False,
           stopped: Callable[[], bool] = _never,
-          watch: Optional[Tuple[int, Callable[[], bool]]] = None) -> None:
+          watch: Optional[Tuple[int, Callable[[], bool]]] = None,
+          mux: Optional[Multiplexer] = None) -> None:
     """Run a transfer until it ends.
 
     ``connected``: ``sock`` is connected to ``engine.peer``, so every datagram
@@ -110,6 +112,8 @@ def drive(engine: Engine, sock: _socket.socket,
     ``watch`` (``fd``, ``call``), unconnected only: while waiting, also wait
     for ``fd`` to be readable and then ``call()`` (False: stop watching it);
     datagrams for the transfer come first.
+    ``mux``: the process's multiplexer, which serves a connected sender's
+    pump while other transfers pump too.
     """
     # A receiver sees one byte more than a full DATA, so an oversized one is
     # caught; a sender needs room for ACK and ERROR only (memory in storms).
@@ -132,6 +136,8 @@ def drive(engine: Engine, sock: _socket.socket,
         read = partial(os.readv, fd, [buf])
         gathered = getattr(engine.source, "gathered", False)   # (header, payload) pairs
         write = partial(os.writev if gathered else os.write, fd)
+    if pump is None or mux is None or not mux.fits(engine):     # type: ignore[arg-type]
+        mux = None
     addr: Optional[Address]
     inf = float("inf")
     current_ms = -1
@@ -139,37 +145,50 @@ def drive(engine: Engine, sock: _socket.socket,
     if watch is not None and not connected:
         _drive_watching(engine, sock, buf, receive, clock, watch)
         return
-    while True:
-        deadline = engine.deadline
-        if deadline == inf:
-            return
-        wait = deadline - clock()
-        if wait <= 0:
-            engine.on_timer(clock())
-            continue
-        ms = int(wait * 1000) + 1
-        if ms != current_ms:
-            _set_timeout(sock, ms)
-            current_ms = ms
-        try:
-            if connected:
-                n = pump(read, write, buf, clock) if pump else recv_connected(buf)
-                if n < 0:
-                    continue              # pump: re-arm the timer
-                addr = None if not n and stopped() else peer
-            else:
-                n, addr = recv(buf)
-        except (BlockingIOError, InterruptedError):
-            continue
-        except ConnectionRefusedError:
-            continue    # ICMP port unreachable for an earlier datagram: the timer decides
-        except OSError:
-            engine.abort(ErrorCode.UNDEFINED, "Server error")
-            return
-        if addr is None:                  # shut down for a forced stop
-            engine.abort(ErrorCode.UNDEFINED, "Server shutting down")
-            return
-        receive(view[:n], addr, clock())
+    if mux is not None:
+        mux.enter()
+    try:
+        while True:
+            deadline = engine.deadline
+            if deadline == inf:
+                return
+            wait = deadline - clock()
+            if wait <= 0:
+                engine.on_timer(clock())
+                continue
+            ms = int(wait * 1000) + 1
+            if ms != current_ms:
+                _set_timeout(sock, ms)
+                current_ms = ms
+            try:
+                if connected:
+                    if pump is None:
+                        n = recv_connected(buf)
+                    elif mux is not None and mux.wanted():
+                        current_ms = -1           # (it sets the socket's timeout)
+                        n = mux.run(engine, sock,     # type: ignore[arg-type]
+                                    engine.steps(read, write, buf, clock, True))  # type: ignore[union-attr]
+                    else:
+                        n = pump(read, write, buf, clock)
+                    if n < 0:
+                        continue              # pump: re-arm the timer
+                    addr = None if not n and stopped() else peer
+                else:
+                    n, addr = recv(buf)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except ConnectionRefusedError:
+                continue    # ICMP port unreachable for an earlier datagram: the timer decides
+            except OSError:
+                engine.abort(ErrorCode.UNDEFINED, "Server error")
+                return
+            if addr is None:                  # shut down for a forced stop
+                engine.abort(ErrorCode.UNDEFINED, "Server shutting down")
+                return
+            receive(view[:n], addr, clock())
+    finally:
+        if mux is not None:
+            mux.leave()
 
 
 def _drive_watching(engine: Engine, sock: _socket.socket, buf: bytearray,
