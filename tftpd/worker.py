@@ -17,6 +17,10 @@ or parsed per datagram (about a quarter of the per-block cost).  Without a
 connection (no SO_REUSEPORT) every datagram's address goes to the engine,
 which answers strays itself.
 
+While other connected senders pump in the same process, the pump runs in the
+process's multiplexer (``mux``: one thread and ``epoll`` for all of them), and
+this thread waits for it to hand the transfer back.
+
 A worker that also reads requests (the server's leader, serving a small file)
 waits in ``poll()`` for its socket and the request sockets together
 (``watch``); the transfer's own datagrams are handled first.
