@@ -43,7 +43,11 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_lossy_link_200_transfers_byte_exact(tftpd_server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", ["default", "1"])
+def test_lossy_link_200_transfers_byte_exact(tftpd_server, tmp_path: Path, processes: str) -> None:
+    """... also with one serving process, where the downloads (up to 40 at
+    once) go through its multiplexer, which then hands each duplicate, gap,
+    reordered ACK and timeout back to the transfer's thread."""
     root = tmp_path / "root"
     root.mkdir()
     upload = tmp_path / "upload"
@@ -53,8 +57,9 @@ def test_lossy_link_200_transfers_byte_exact(tftpd_server, tmp_path: Path) -> No
     (root / "m.bin").chmod(0o644)
     uploads = {f"u-{b}-{w}-{i}.bin": os.urandom(MIB)
                for b, w in CONFIGS for i in range(PER_CONFIG)}
+    extra = [] if processes == "default" else ["--processes", processes]
     server = tftpd_server("-n", "-v", "-i", "-d", str(upload), "-t", "0.02", "-x", "8",
-                          "-c", "64", root=root)
+                          "-c", "64", *extra, root=root)
     relay = RelayProcess(server.addr, impairment=LOSSY, seed=20261122, lifetime=300)
     jobs: List[Tuple[str, int, int, str]] = []
     for b, w in CONFIGS:
