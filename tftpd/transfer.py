@@ -421,6 +421,7 @@ class Sender(_Transfer):
         try:
             while True:
                 if wait:
+                    self.deadline = sent_at + v   # (for the multiplexer's timer)
                     yield
                 n = recv()
                 if n != 4 or head != expect:
@@ -472,8 +473,6 @@ class Sender(_Transfer):
                     return -1
                 if last or v != value:
                     return -1         # the end is in flight, or the timer moved
-                if wait:
-                    self.deadline = now + v
                 if nxt >= hi:         # the next window's first packet, while the peer works
                     try:
                         pkts = run(nxt, wire_number(nxt))
