@@ -28,6 +28,7 @@ import _socket
 import os
 import select
 import struct
+import threading
 import time
 
 from . import log as logsetup
@@ -64,8 +65,6 @@ class Multiplexer:
     returns, from the calling thread, which waits meanwhile."""
 
     def __init__(self) -> None:
-        import threading        # here: an inetd start never needs a multiplexer
-        self._threading = threading
         self._lock = threading.Lock()
         self.pumping = 0                          # transfers pumping here or in their threads
         self.runs = 0                             # pumps served here so far
@@ -95,7 +94,7 @@ class Multiplexer:
         is raised.  The caller must set the socket's receive timeout again."""
         next(steps)                               # (it yields before any read)
         sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, _ONE_MS)
-        done = self._threading.Lock()
+        done = threading.Lock()
         done.acquire()
         entry = _Entry(steps, engine, done)
         fd = sock.fileno()
@@ -124,7 +123,7 @@ class Multiplexer:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._epoll.register(self._wake_r, select.EPOLLIN)
-        self._threading.Thread(target=self._loop, name="tftpd-mux", daemon=True).start()
+        threading.Thread(target=self._loop, name="tftpd-mux", daemon=True).start()
 
     def _leave(self, fd: int, entry: _Entry) -> None:
         with self._lock:

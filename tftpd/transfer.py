@@ -383,9 +383,9 @@ class Sender(_Transfer):
               buf: bytearray, clock: Callable[[], float],
               wait: bool) -> Generator[None, None, int]:
         """``pump`` as a generator, for a multiplexer (``wait`` true): it
-        yields before each ``recv()`` until the socket is readable, keeps
-        ``deadline`` current after each window (for the multiplexer's timer)
-        and returns what ``pump`` returns.  Closed while it waits (the timer
+        yields before each ``recv()`` until the socket is readable, with
+        ``deadline`` current there (for the multiplexer's timer), and returns
+        what ``pump`` returns.  Closed while it waits (the timer
         expired), it writes the state back as ``pump`` does on returning.
         Without ``wait`` it never yields: ``pump`` is that case."""
         rto = self.rto

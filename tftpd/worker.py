@@ -133,14 +133,14 @@ def drive(engine: Engine, sock: _socket.socket,
         def receive(data: Buffer, addr: Address, now: float) -> None:
             trace("<", addr, (data,))
             untraced(data, addr, now)
-    pump = None
+    pump: Optional[Sender] = None     # the engine, when its pump applies
     if connected and trace is None and isinstance(engine, Sender):
-        pump = engine.pump
+        pump = engine
         fd = sock.fileno()
         read = partial(os.readv, fd, [buf])
         gathered = getattr(engine.source, "gathered", False)   # (header, payload) pairs
         write = partial(os.writev if gathered else os.write, fd)
-    if pump is None or mux is None or not mux.fits(engine):     # type: ignore[arg-type]
+    if pump is None or mux is None or not mux.fits(pump):
         mux = None
     addr: Optional[Address]
     inf = float("inf")
@@ -170,10 +170,9 @@ def drive(engine: Engine, sock: _socket.socket,
                         n = recv_connected(buf)
                     elif mux is not None and mux.wanted():
                         current_ms = -1           # (it sets the socket's timeout)
-                        n = mux.run(engine, sock,     # type: ignore[arg-type]
-                                    engine.steps(read, write, buf, clock, True))  # type: ignore[union-attr]
+                        n = mux.run(pump, sock, pump.steps(read, write, buf, clock, True))
                     else:
-                        n = pump(read, write, buf, clock)
+                        n = pump.pump(read, write, buf, clock)
                     if n < 0:
                         continue              # pump: re-arm the timer
                     addr = None if not n and stopped() else peer
