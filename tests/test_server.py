@@ -1186,29 +1186,97 @@ def test_permissions_as_nobody(world_dir: Path, host: str) -> None:
 # -- retransmission or a new identical request: by arrival time ----------------------
 def test_identical_request_is_a_retransmission_until_the_peer_has_answered() -> None:
     """A client resends its request only until it hears from the transfer; one
-    that arrives (kernel timestamp) after the peer first answered is new."""
+    that arrives (kernel timestamp) after we sent what the peer first answered
+    is new."""
     import time as _time
     from types import SimpleNamespace
     from tftpd.server import Job, is_retransmission
 
     from tftpd.transfer import Outcome
 
-    def engine(outcome: Outcome, answered_at: object) -> SimpleNamespace:
-        return SimpleNamespace(outcome=outcome, answered_at=answered_at)
+    def engine(outcome: Outcome, answered_after: object, all_sent: bool = False
+               ) -> SimpleNamespace:
+        return SimpleNamespace(outcome=outcome, answered_after=answered_after,
+                               all_sent=all_sent)
 
     job = Job(None, ("127.0.0.1", 5000), ("127.0.0.1", 0), socket.AF_INET, 0.0)  # type: ignore[arg-type]
     now_real = _time.time()
-    answered_mono = _time.monotonic() - 5.0                   # the peer answered 5 s ago
+    sent_mono = _time.monotonic() - 5.0                       # what the peer answered: 5 s ago
     assert is_retransmission(job, now_real)                   # still queued
     job.engine = engine(Outcome.RUNNING, None)                # type: ignore[assignment]
     assert is_retransmission(job, now_real + 100)             # running, never answered
-    job.engine = engine(Outcome.RUNNING, answered_mono)       # type: ignore[assignment]
+    job.engine = engine(Outcome.RUNNING, sent_mono)           # type: ignore[assignment]
     assert is_retransmission(job, now_real)                   # running: a delayed resend
-    job.engine = engine(Outcome.OK, answered_mono)            # type: ignore[assignment]
+    job.engine = engine(Outcome.RUNNING, None, all_sent=True)  # type: ignore[assignment]
+    assert is_retransmission(job, now_real) is None           # last block out: not known yet
+    job.engine = engine(Outcome.OK, sent_mono)                # type: ignore[assignment]
     assert is_retransmission(job, now_real - 6.0)             # over, sent before: a resend
     assert not is_retransmission(job, now_real - 4.0)         # over, sent after: new
     job.engine = engine(Outcome.TIMEOUT, None)                # type: ignore[assignment]
     assert is_retransmission(job, now_real)                   # never answered
+
+
+def test_a_request_again_after_the_last_ack_is_new_even_if_that_ack_is_read_later() -> None:
+    """One block: the client's last ACK is its first answer, and it asks again
+    from the same port right behind it.  If the transfer's thread reads that
+    ACK only after the new request arrived, the request is still new (it came
+    after the DATA it acknowledged was sent)."""
+    import time as _time
+
+    from tftpd.server import Job, is_retransmission
+    from tftpd.transfer import Outcome, Rto, Sender
+
+    class Source:
+        def packet(self, index: int, number: int) -> bytes:
+            return b"\0\3\0\1" + b"x" * 10
+
+    sent: List[bytes] = []
+    mono = _time.monotonic()
+    offset = _time.time() - mono
+    s = Sender(Source(), ("127.0.0.1", 5000), lambda p, a: sent.append(p),  # type: ignore[arg-type]
+               rto=Rto(1.0))
+    s.start(mono - 2.0)                                 # DATA 1 sent 2 s ago
+    s.receive(memoryview(b"\0\4\0\1"), ("127.0.0.1", 5000), mono)   # its ACK, read now
+    assert s.outcome == Outcome.OK and s.answered_after == mono - 2.0 and len(sent) == 1
+    job = Job(None, ("127.0.0.1", 5000), ("127.0.0.1", 0), socket.AF_INET, 0.0)  # type: ignore[arg-type]
+    job.engine = s
+    assert is_retransmission(job, offset + mono - 1.0) is False  # before the ACK was read
+    assert is_retransmission(job, offset + mono - 3.0)       # before DATA 1 went out: a resend
+
+
+def test_a_request_that_may_repeat_a_running_transfer_waits_for_its_end(tmp_path: Path) -> None:
+    """A request identical to one whose transfer has sent its last block but
+    not read the last ACK: its worker waits for that transfer to end, then
+    serves it if it came after what the peer first answered, else drops it
+    (the old transfer was never answered: a resend)."""
+    import threading
+    import time as _time
+    from types import SimpleNamespace
+
+    from tftpd.server import Job
+    from tftpd.transfer import Outcome
+
+    with InProcess(tmp_path, {"f.bin": b"f"}) as it:
+        offset = _time.time() - _time.monotonic()
+        for answered, expected in ((True, True), (False, False)):
+            sent = _time.monotonic() - 1.0
+            eng = SimpleNamespace(outcome=Outcome.RUNNING, answered_after=None, all_sent=True)
+            old = Job(None, ("127.0.0.1", 5000), ("127.0.0.1", 0),  # type: ignore[arg-type]
+                      socket.AF_INET, 0.0)
+            old.engine = eng                                     # type: ignore[assignment]
+
+            def end() -> None:
+                _time.sleep(0.2)
+                if answered:
+                    eng.answered_after = sent
+                eng.outcome = Outcome.OK if answered else Outcome.TIMEOUT
+
+            t = threading.Thread(target=end)
+            started = _time.monotonic()
+            t.start()
+            assert it.server._settled((old, offset + sent + 0.5)) is expected
+            assert _time.monotonic() - started >= 0.2                # it waited for the end
+            t.join()
 
 
 def test_pool_limits_threads_bounds_the_queue_and_closes() -> None:
@@ -1441,9 +1509,11 @@ def test_pool_job_queued_while_the_leader_waits_goes_to_the_leader() -> None:
 
 
 def test_pool_leader_lends_the_reading_and_takes_it_back() -> None:
-    """``lend()`` hands the reading to whoever submits while the leader's job
-    may block, ``reclaim()`` takes it back; a job that ends without
-    reclaiming gets it back when it ends.  The role stays with the thread."""
+    """``lend()`` only marks the leader's step and ``reclaim()`` clears the
+    mark; whoever submits takes the reading (``take_lent``) only while that
+    same step runs, and gives it back at the ``reclaim()``, or when a job that
+    never reclaimed ends.  ``lend()`` calls ``on_lend`` once after the reader
+    stopped looking (``unwatched``).  The role stays with the thread."""
     import queue
     import threading
 
@@ -1452,29 +1522,44 @@ def test_pool_leader_lends_the_reading_and_takes_it_back() -> None:
     feed: "queue.Queue[object]" = queue.Queue()
     ran: "queue.Queue[int]" = queue.Queue()
     told: List[bool] = []
-    back, kept = object(), object()
+    woken: List[int] = []
+    quick, back, kept = object(), object(), object()
     pool: Pool
 
     def run(job: object) -> None:
-        if job in (back, kept):
-            assert pool.lend() and not pool.lend()      # once
-            assert told[-1] is False and pool.leader
-            if job is back:
+        if job in (quick, back, kept):
+            pool.unwatched = True
+            before = len(woken)
+            assert pool.lend() and pool.lending > 0
+            assert not pool.unwatched and len(woken) == before + 1
+            since = pool.lending
+            assert not pool.take_lent(since - 1)        # not the step under way
+            if job is quick:
                 pool.reclaim()
-                assert told[-1] is True
+                assert not pool.lending and not pool.take_lent(since)   # over
+                assert told[-1] is True and not pool.lent
+            else:
+                assert pool.take_lent(since) and not pool.take_lent(since)
+                assert told[-1] is False and pool.lent and pool.leader
+                assert not pool.lend()                  # (lent: nothing to mark)
+                if job is back:
+                    pool.reclaim()
+                    assert told[-1] is True and not pool.lent and not pool.lending
         ran.put(threading.get_ident())
 
     pool = Pool(4, 10, run, lead=lambda: feed.get(timeout=10),       # type: ignore[arg-type]
-                on_lead=told.append)
+                on_lead=told.append, on_lend=lambda: woken.append(1))
     assert pool.submit(object())                                      # type: ignore[arg-type]
     first = ran.get(timeout=10)
     assert wait_until(lambda: pool.leader, step=0.001)
-    assert not pool.lend()                      # not the leader's thread
-    for job in (back, kept):
+    assert not pool.lend() and pool.lends == 0  # not the leader's thread
+    for job in (quick, back, kept):
         feed.put(job)
         assert ran.get(timeout=10) == first
     assert wait_until(lambda: pool.leader and not pool.leader_runs, step=0.001)
-    assert told == [True, False, True, False, True] and not pool.lent
+    # kept ended lent: the reading came back when it ended
+    assert told == [True, False, True, False, True] and not pool.lent and not pool.lending
+    assert pool.lends == 3 and len(woken) == 3
     feed.put(None)
     assert wait_until(lambda: not pool.leader, step=0.001)
     assert pool.close(timeout=10)
@@ -1568,6 +1653,32 @@ def test_a_leader_stuck_in_the_file_system_does_not_hold_up_other_requests(
                 slow.send(ack(1), tid)
     finally:
         hang.set()
+
+
+def test_the_request_loop_looks_at_lends_only_while_they_happen(tmp_path: Path) -> None:
+    """While the leader serves requests the request loop looks at its lent
+    steps every LEND_AFTER seconds; once no request came for one such period
+    it waits without a timeout (the next ``lend()`` wakes it)."""
+    from tftpd.server import LEND_AFTER
+
+    with InProcess(tmp_path, {"f.bin": b"f" * 100}) as it:
+        with Peer(it.addr) as peer:
+            for _ in range(3):
+                assert peer.download("f.bin").data == b"f" * 100
+        assert wait_until(it.led_and_idle, step=0.001)
+        assert it.server.pool.lends >= 1
+        assert wait_until(lambda: it.server.pool.unwatched, timeout=5 * LEND_AFTER + 2)
+        waits: List[Any] = []
+        poller = it.server._poller
+        real_wait = poller.wait
+        poller.wait = lambda t: waits.append(t) or real_wait(t)   # type: ignore[method-assign]
+        time.sleep(4 * LEND_AFTER)
+        assert waits == []                          # asleep: no look while quiet
+        with Peer(it.addr) as peer:
+            assert peer.download("f.bin").data == b"f" * 100
+        assert wait_until(lambda: len(waits) >= 1)  # woken by the lend
+        assert waits[0] is not None and 0 < waits[0] <= LEND_AFTER
+        assert wait_until(lambda: it.server.pool.unwatched, timeout=5 * LEND_AFTER + 2)
 
 
 def test_a_quiet_server_serves_requests_without_its_request_loop(tmp_path: Path,

@@ -73,12 +73,19 @@ CONNECT_MIN_BLOCKS = 32
 STOP_GRACE = 60.0      # SIGTERM/SIGINT: running transfers get this long to finish
 DALLY_MIN = 1.0        # after a WRQ: a client's resend of its last DATA comes after its own timer
 PENDING_POLL = 0.5     # inetd mode: how often the request loop looks whether transfers ended
+# A leader's step that may block (opening a file) that has run this long has
+# the request loop read requests meanwhile; it looks this often while lends happen.
+LEND_AFTER = 0.1
+SETTLE_MAX = 300.0     # a request waits at most this long for the transfer it may repeat
+_get_ident = threading.get_ident
+_monotonic = time.monotonic
 
 
 class Job:
     """One request on its way to a worker (compared by identity)."""
 
-    __slots__ = ("request", "peer", "local", "family", "received", "key", "engine", "ended")
+    __slots__ = ("request", "peer", "local", "family", "received", "key", "engine", "ended",
+                 "after")
 
     def __init__(self, request: Request, peer: Address, local: Address, family: int,
                  received: float, key: Tuple[Any, ...] = ()) -> None:
@@ -90,6 +97,9 @@ class Job:
         self.key = key            # (peer, request datagram): what a retransmission repeats
         self.engine: Optional[Engine] = None   # set when the transfer starts
         self.ended = False        # set before its socket is shut down to end it
+        # (old job, arrival): maybe a resend of old's request (is_retransmission
+        # unsure); the worker decides once old has ended
+        self.after: Optional[Tuple[Job, float]] = None
 
 
 def enable_pktinfo(sock: _socket.socket) -> None:
@@ -116,20 +126,30 @@ def arrival(ancdata: List[Tuple[int, int, bytes]]) -> float:
     return time.time()
 
 
-def is_retransmission(old: Job, arrived: float) -> bool:
+def is_retransmission(old: Job, arrived: float) -> Optional[bool]:
     """Is a request with the same bytes from the same port the old one again?
 
     While the old transfer is queued or running, yes (a resend can be delayed
-    past the client's first ACK by the network).  Once it is over but for
+    past the client's first ACK by the network), unless its last block is out:
+    a client asks again right behind its last ACK, and the request may be read
+    before that ACK is; then None (not known yet: ``Server._settled`` asks
+    again once the old transfer has ended).  Once it is over but for
     dallying, a client sends the same request again only as a new one
-    (``put f`` twice in one session), after it heard from the transfer; so it
-    is still the old one if it arrived (kernel timestamp) before the peer
-    first answered: a resend read late by a busy request loop.
+    (``get f`` twice in one session), after it heard from the transfer; so it
+    is still the old one if it arrived (kernel timestamp) before we sent what
+    the peer first answered: a resend read late by a busy request loop (not
+    the time we read that answer, which with one block is the last ACK).  A
+    resend that crossed our first packet on the wire counts as new, as every
+    request does for tftp-hpa.
     """
     engine = old.engine
-    if engine is None or engine.outcome == Outcome.RUNNING or engine.answered_at is None:
+    if engine is None:
         return True
-    return arrived < engine.answered_at + (time.time() - time.monotonic())
+    if engine.outcome == Outcome.RUNNING:
+        return None if engine.all_sent else True
+    if engine.answered_after is None:
+        return True
+    return arrived < engine.answered_after + (time.time() - time.monotonic())
 
 
 def local_address(sock: _socket.socket, ancdata: List[Tuple[int, int, bytes]]
@@ -218,8 +238,12 @@ class Pool:
     job calls ``resign()``: the role then goes to an idle thread, else back to
     whoever submits (``on_lead(False)``; ``on_lead(True)`` when a thread
     takes it from them).  Around a step that may block, the leader's job
-    can ``lend()`` the reading to whoever submits and ``reclaim()`` it,
-    keeping the role.  A job queued while the leader waits in ``lead()`` (the
+    calls ``lend()`` and ``reclaim()``, keeping the role: they only mark the
+    step (no lock, no system call), and whoever submits looks at the mark
+    (``lending``, at least every ``LEND_AFTER`` seconds while lends happen;
+    ``on_lend`` wakes it when it stopped looking) and, if the same step has
+    run that long, takes the reading over (``take_lent``) until the
+    ``reclaim()`` or the job's end.  A job queued while the leader waits in ``lead()`` (the
     request loop read it meanwhile) calls ``kick()``: ``lead()`` should then
     return None, and the leader runs the queued job.  ``on_lead`` is called
     under the pool's lock, maybe twice with the same value.
@@ -229,7 +253,8 @@ class Pool:
                  on_idle: Optional[Callable[[], None]] = None,
                  lead: Optional[Callable[[], Optional[Job]]] = None,
                  on_lead: Optional[Callable[[bool], None]] = None,
-                 kick: Optional[Callable[[], None]] = None) -> None:
+                 kick: Optional[Callable[[], None]] = None,
+                 on_lend: Optional[Callable[[], None]] = None) -> None:
         self.limit = limit
         self.queue_limit = queue_limit
         self.run = run
@@ -237,9 +262,13 @@ class Pool:
         self.lead = lead
         self.on_lead = on_lead
         self.kick = kick
+        self.on_lend = on_lend
         self.leading: Optional[_Idle] = None        # the leader thread
         self.leader_runs = False                     # ... runs a job (is out of lead())
         self.lent = False                            # ... has lent the reading out
+        self.lending = 0.0          # when the leader's job entered a lent step (0: none)
+        self.lends = 0              # lend() calls so far
+        self.unwatched = False      # nobody looks at ``lending``: lend() calls on_lend
         self.jobs: Deque[Job] = collections.deque()
         self.lock = threading.Lock()
         self.done = threading.Condition(self.lock)   # close() waits on it
@@ -266,23 +295,43 @@ class Pool:
 
     def lend(self) -> bool:
         """Called by the leader's job before a step that may block (a file
-        system that hangs): whoever submits reads meanwhile.  True if lent."""
+        system that hangs): if it takes ``LEND_AFTER`` seconds or more,
+        whoever submits reads meanwhile.  True if this thread leads."""
+        leading = self.leading
+        if leading is None or leading.ident != _get_ident() or self.lent:
+            return False
+        self.lending = _monotonic()
+        self.lends += 1
+        if self.unwatched:
+            self.unwatched = False
+            if self.on_lend is not None:
+                self.on_lend()
+        return True
+
+    def reclaim(self) -> None:
+        """The leader's job after ``lend()``: the reading is its own again."""
+        self.lending = 0.0
+        if self.lent:
+            with self.lock:
+                if self.lent and self.is_leading():
+                    self.lent = False
+                    self._tell_lead(True)
+
+    def take_lent(self, since: float) -> bool:
+        """Whoever submits, having seen ``lending`` at ``since`` for
+        ``LEND_AFTER`` seconds: it reads from now on (``on_lead(False)``),
+        unless that step has ended meanwhile.  True if it took the reading."""
         with self.lock:
-            if self.lent or not self.is_leading():
+            if (self.lending != since or not since or self.lent
+                    or self.leading is None or not self.leader_runs):
                 return False
             self.lent = True
             self._tell_lead(False)
             return True
 
-    def reclaim(self) -> None:
-        """The leader's job after ``lend()``: the reading is its own again."""
-        with self.lock:
-            if self.lent and self.is_leading():
-                self.lent = False
-                self._tell_lead(True)
-
     def _pass_lead(self) -> None:
         self.leader_runs = False
+        self.lending = 0.0
         if self.idle and not self.closed:
             waiter = self.idle.pop()
             self.leading = waiter
@@ -404,6 +453,7 @@ class Pool:
                 leaving = False
                 lead = True
                 self.leader_runs = False
+                self.lending = 0.0
                 if self.lent:                  # (its job ended before reclaim())
                     self.lent = False
                     self._tell_lead(True)
@@ -566,7 +616,8 @@ class Server:
                          on_idle=self._wake if idle_exit
                          and config.idle_timeout < PENDING_POLL else None,
                          lead=self._lead if self._group is not None else None,
-                         on_lead=self._on_lead, kick=self._kick)
+                         on_lead=self._on_lead, kick=self._kick, on_lend=self._wake)
+        self._lends_seen = 0                       # Pool.lends at the loop's last look
         self.lock = threading.Lock()
         # (peer, request datagram) -> its queued or running job: a retransmitted
         # request is recognised by this key; a different request from the same
@@ -683,7 +734,9 @@ class Server:
         timeout: Optional[float] = 0.0 if self.idle_exit else None
         try:
             while not self.stopping:
-                for fd, _ in poller.wait(timeout):
+                look = self._watch_lending()
+                wait = look if timeout is None else timeout if look is None else min(timeout, look)
+                for fd, _ in poller.wait(wait):
                     what, sock = targets.get(fd, (-1, self._wake_r))
                     if what == _REQUESTS:
                         self._read_requests(sock, buf)
@@ -711,6 +764,30 @@ class Server:
                 self._leads.close()
             for s in (self._stop_r, self._stop_w, self._kick_r, self._kick_w):
                 s.close()
+
+    def _watch_lending(self) -> Optional[float]:
+        """The request loop's look at the leader's lent step (``Pool.lend``):
+        it takes the reading over once the step has run ``LEND_AFTER``
+        seconds.  Seconds until the next look; None when no lend came since
+        the last one (the next ``lend()`` then wakes the loop)."""
+        pool = self.pool
+        since = pool.lending
+        if since:
+            self._lends_seen = pool.lends
+            left = since + LEND_AFTER - time.monotonic()
+            if left > 0:
+                return left
+            pool.take_lent(since)
+            return LEND_AFTER
+        lends = pool.lends
+        if lends != self._lends_seen:
+            self._lends_seen = lends
+            return LEND_AFTER
+        pool.unwatched = True
+        if pool.lending or pool.lends != lends:   # one came before it saw the flag
+            pool.unwatched = False
+            return 0.0
+        return None
 
     def _drain_wake(self) -> None:
         _drain(self._wake_r)
@@ -887,14 +964,21 @@ class Server:
         key = (peer, data)
         with self.lock:
             old = self.active.get(key)
-            if old is not None and is_retransmission(old, arrival(anc)):
-                return None                # a retransmitted request: not a second transfer
+            after = None
+            if old is not None:
+                arrived = arrival(anc)
+                again = is_retransmission(old, arrived)
+                if again:
+                    return None            # a retransmitted request: not a second transfer
+                if again is None:
+                    after = (old, arrived)
             router = self._router
             if router is not None:
                 where = router.pick(key, self._in_hand())
                 if where >= 0 and router.send(where, key, bind, family, arrival(anc)):
                     return None
             job = Job(packet, peer, bind, family, self.last_activity, key)
+            job.after = after
             self.active[key] = job
         return job
 
@@ -931,10 +1015,13 @@ class Server:
         key = (peer, data)
         with self.lock:
             old = self.active.get(key)
-            if old is not None and is_retransmission(old, arrived):
+            again = False if old is None else is_retransmission(old, arrived)
+            if again:
                 self._done[self._slot] += 1
                 return None
             job = Job(packet, peer, bind, family, self.last_activity, key)
+            if old is not None and again is None:
+                job.after = (old, arrived)
             self.active[key] = job
         return job
 
@@ -988,11 +1075,29 @@ class Server:
     # -- one transfer (in a worker thread) ---------------------------------
     def _run(self, job: Job) -> None:
         try:
-            self._transfer(job)
+            if job.after is None or self._settled(job.after):
+                self._transfer(job)
         except Exception:  # a bug: log it, keep serving
             log.exception("internal error serving %s", show(job.peer))
         finally:
             self._release(job)
+
+    def _settled(self, after: Tuple[Job, float]) -> bool:
+        """A request that may be a resend of ``old``'s (``is_retransmission``
+        unsure): wait for ``old``'s transfer to end (its own timers end it),
+        then decide.  True: it is new, serve it."""
+        old, arrived = after
+        engine = old.engine
+        assert engine is not None
+        self.pool.resign()                 # (if this thread leads: others read meanwhile)
+        step = 0.0005
+        end = time.monotonic() + SETTLE_MAX
+        while engine.outcome == Outcome.RUNNING and self.stopping < 2:
+            if time.monotonic() >= end:
+                return False
+            time.sleep(step)
+            step = min(step * 2, 0.05)
+        return is_retransmission(old, arrived) is False
 
     def _transfer(self, job: Job) -> None:
         req = job.request
@@ -1008,9 +1113,10 @@ class Server:
                 _so_debug(sock)
             if self.stopping >= 2:
                 return
-            # The file system may hang (a hard NFS mount): meanwhile the
-            # request loop reads requests, if this thread leads (the pool
-            # takes them back at the latest when this job ends).
+            # The file system may hang (a hard NFS mount): if this thread
+            # leads, the request loop reads requests once this has taken
+            # LEND_AFTER seconds (the pool takes them back at the latest when
+            # this job ends).
             lent = self.pool.lend()
             try:
                 plan = self.admission.admit(req)

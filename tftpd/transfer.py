@@ -190,7 +190,8 @@ class _Transfer:
         self.deadline = math.inf
         self.timeouts = 0
         self.answered = False           # has the peer ever sent us a valid packet
-        self.answered_at: Optional[float] = None   # when it first did
+        # when we sent what the peer first answered (its answer came after)
+        self.answered_after: Optional[float] = None
         self.retransmitted = False      # Karn: no RTT sample after a resend
         self.sent_at = 0.0
         self.outcome = Outcome.RUNNING
@@ -341,7 +342,7 @@ class Sender(_Transfer):
             rto.sample(now - self.sent_at)
         if not self.answered:
             self.answered = True
-            self.answered_at = now
+            self.answered_after = self.sent_at
         self.timeouts = 0
         self.deadline = now + rto.value
         self.base = acked + 1
@@ -505,7 +506,7 @@ class Sender(_Transfer):
                 else:
                     self.rto.sample(now - self.sent_at)
                 self.answered = True
-                self.answered_at = now
+                self.answered_after = self.sent_at
                 self.timeouts = 0
                 self.deadline = now + self.rto.value
                 self._send_window(now)
@@ -597,7 +598,7 @@ class Receiver(_Transfer):
             self.retransmitted = False
             if not self.answered:
                 self.answered = True
-                self.answered_at = now
+                self.answered_after = self.sent_at
             self.timeouts = 0
             self.gap_reported = False
             payload = memoryview(data)[4:n] if not isinstance(data, memoryview) else data[4:n]
