@@ -162,8 +162,10 @@ class Admission:
     def _read(self, request: Request, text: bool) -> Plan:
         path, fd, st = self._open_read(request.filename)
         try:
-            n = negotiate(Opcode.RRQ, request.options, self.limits,
-                          rrq_size=(lambda: netascii.encoded_size(fd)) if text
+            options = request.options
+            n = negotiate(Opcode.RRQ, options, self.limits,
+                          rrq_size=None if not options    # (no closure per plain request)
+                          else (lambda: netascii.encoded_size(fd)) if text
                           else (lambda: st.st_size))
             source: Union[FileSource, MappedSource, SmallSource, NetasciiSource] = (
                 NetasciiSource(fd, n.blksize, n.windowsize) if text

@@ -78,7 +78,11 @@ class Request(Frozen):
 
     def __init__(self, opcode: int, filename: bytes, mode: bytes,
                  options: Options = ()) -> None:
-        self._init(opcode, filename, mode, options)
+        # one per request: the fields set directly, not by _init's loop
+        _set(self, "opcode", opcode)
+        _set(self, "filename", filename)
+        _set(self, "mode", mode)
+        _set(self, "options", options)
 
 
 class Data(Frozen):
@@ -117,6 +121,7 @@ class OAck(Frozen):
 
 _HDR = struct.Struct("!HH")
 _OP = struct.Struct("!H")
+_set = object.__setattr__      # (Request sets its fields directly)
 
 
 def _strings(body: bytes) -> List[bytes]:

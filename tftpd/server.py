@@ -1132,8 +1132,11 @@ class Server:
                 # another thread reads requests meanwhile: a long transfer, or
                 # an upload (its end waits for fsync, its length may be unknown)
                 self.pool.resign()
-            elif lent:
-                self.pool.reclaim()
+                leads = False
+            else:
+                if lent:
+                    self.pool.reclaim()
+                leads = lent or self.pool.is_leading()
             if long:
                 catcher = self._catch_strays(sock, job.peer)
             engine = self._engine(plan, sock, job.peer, trace, connected=catcher is not None)
@@ -1143,11 +1146,14 @@ class Server:
             if self.stopping >= 2:
                 return
             start = time.monotonic()
-            drive(engine, sock, trace=trace, connected=catcher is not None,
-                  stopped=lambda: job.ended,
-                  watch=(self._leads.fileno(), self._dispatch) if self.pool.is_leading()
-                  else None, mux=self.mux)
-            self._report(engine, plan, job, kind, who, start)
+            if catcher is None:
+                drive(engine, sock, trace=trace, mux=self.mux,
+                      watch=(self._leads.fileno(), self._dispatch) if leads else None)
+            else:
+                drive(engine, sock, trace=trace, connected=True, stopped=lambda: job.ended,
+                      mux=self.mux)
+            if engine.outcome != Outcome.OK or self.config.verbose:
+                self._report(engine, plan, job, kind, who, start)
         finally:
             if plan is not None:
                 plan.close()
@@ -1174,9 +1180,8 @@ class Server:
 
     def _report(self, engine: Engine, plan: Plan, job: Job, kind: str,
                 who: str, start: float) -> None:
+        """Log how a transfer ended (called unless it ended well without -v)."""
         end = engine.completed_at or time.monotonic()
-        if engine.outcome == Outcome.OK and not self.config.verbose:
-            return                 # the common case: nothing to log, nothing to format
         name = paths.display(job.request.filename)
         if engine.outcome == Outcome.OK:          # with -v
             log.info("%s from %s %s: %s %d bytes in %.3f s (%s)", kind, show(job.peer),

@@ -108,8 +108,9 @@ class Rto:
                  floor: float = MIN_RTO) -> None:
         self.value = initial
         self.fixed = fixed
-        self.floor = min(floor, initial)
-        self.cap = max(MAX_RTO, initial)
+        # (conditionals, not min/max: this runs once per transfer, also per small file)
+        self.floor = floor if floor < initial else initial
+        self.cap = MAX_RTO if MAX_RTO > initial else initial
         self.srtt = -1.0
         self.rttvar = 0.0
 
@@ -175,6 +176,9 @@ class _Wire:
         return (wire - self.base - (index - self.base)) % self.modulus
 
 
+_WIRES = (_Wire(0), _Wire(1))     # (immutable: shared by every transfer)
+
+
 class _Transfer:
     """What a sender and a receiver share: peer check, timer, outcome."""
 
@@ -183,9 +187,9 @@ class _Transfer:
         self.peer = peer
         self.transmit = transmit
         self.rto = rto
-        self.max_timeouts = max(1, max_timeouts)
-        self.first_timeouts = min(self.max_timeouts, FIRST_REPLY_TIMEOUTS)
-        self.wire = _Wire(rollover)
+        most = self.max_timeouts = max_timeouts if max_timeouts > 1 else 1
+        self.first_timeouts = most if most < FIRST_REPLY_TIMEOUTS else FIRST_REPLY_TIMEOUTS
+        self.wire = _WIRES[rollover == 1]
         self.first = first              # OACK bytes, if options were acked
         self.deadline = math.inf
         self.timeouts = 0
