@@ -75,7 +75,8 @@ def test_watching_drive_calls_back_while_the_transfer_waits(pair) -> None:
 
 def test_watching_drive_takes_the_transfers_datagram_first(pair) -> None:
     """Both ready at once: the final ACK ends the transfer and the watched
-    descriptor is left to whoever reads it next."""
+    descriptor is left to whoever reads it next, who is told it is readable
+    (True); without it readable, False."""
     server, client = pair
     engine = sender(server, client, b"s" * 100)
     ring_r, ring_w = socket.socketpair()
@@ -86,9 +87,18 @@ def test_watching_drive_takes_the_transfers_datagram_first(pair) -> None:
         client.sendto(b"\x00\x04\x00\x01", tid)
         ring_w.send(b"x")
         time.sleep(0.05)                            # both queued before the wait
-        _drive_watching(engine, server, bytearray(1024), engine.receive, time.monotonic,
-                        (ring_r.fileno(), lambda: bool(calls.append(1))))
+        assert _drive_watching(engine, server, bytearray(1024), engine.receive,
+                               time.monotonic, (ring_r.fileno(), lambda: bool(calls.append(1))))
         assert engine.outcome == Outcome.OK and calls == []
+        ring_r.recv(1)                              # (read by "whoever reads it next")
+        engine = sender(server, client, b"s" * 100)
+        engine.start(time.monotonic())
+        got, tid = client.recvfrom(600)
+        client.sendto(b"\x00\x04\x00\x01", tid)
+        time.sleep(0.05)
+        assert not _drive_watching(engine, server, bytearray(1024), engine.receive,
+                                   time.monotonic, (ring_r.fileno(), lambda: True))
+        assert engine.outcome == Outcome.OK
     finally:
         ring_r.close()
         ring_w.close()

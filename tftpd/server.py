@@ -597,6 +597,8 @@ class Server:
         if self._inbox is not None:
             self._inbox.setblocking(False)
             self._by_fd[self._inbox.fileno()] = self._inbox
+        self._request_fds = [(fd, 0) for fd in self._by_fd]    # (as epoll would list them)
+        self._requests_waiting = False     # the leader may read them without epoll
         self._stop_r, self._stop_w = _socket.socketpair()    # never drained
         self._kick_r, self._kick_w = _socket.socketpair()    # a job was queued
         for s in (self._stop_w, self._kick_r, self._kick_w):
@@ -864,13 +866,21 @@ class Server:
         buf = self._lead_buf
         if buf is None:
             buf = self._lead_buf = bytearray(_REQUEST_MAX)
+        bufs, view = [buf], memoryview(buf)
         poll = self._leads.poll
         by_fd = self._by_fd
         while not self._leading_over:
-            try:
-                ready = poll()
-            except (ValueError, OSError):      # closed: the loop has ended
-                return None
+            if self._requests_waiting and not self.pool.jobs:
+                # the last small transfer's wait saw requests waiting (the
+                # next one of a client asking for one file after another):
+                # read them without asking epoll first
+                self._requests_waiting = False
+                ready = self._request_fds
+            else:
+                try:
+                    ready = poll()
+                except (ValueError, OSError):      # closed: the loop has ended
+                    return None
             for fd, _ in ready:
                 sock = by_fd.get(fd)
                 if sock is None:           # _stop_r, or _kick_r: the pool has a job
@@ -878,7 +888,7 @@ class Server:
                     return None
                 for _ in range(_LEADER_BATCH):
                     try:
-                        n, anc, _flags, peer = sock.recvmsg_into([buf], _ANC_SIZE)
+                        n, anc, _flags, peer = sock.recvmsg_into(bufs, _ANC_SIZE)
                     except (BlockingIOError, InterruptedError):
                         break
                     except OSError as e:
@@ -886,7 +896,7 @@ class Server:
                             return None     # closed by the stopping request loop
                         log.warning("receive error on request socket: %s", e)
                         break
-                    job = self._job(sock, bytes(buf[:n]), anc, peer)
+                    job = self._job(sock, bytes(view[:n]), anc, peer)
                     if job is not None:
                         return job
         return None
@@ -1147,8 +1157,9 @@ class Server:
                 return
             start = time.monotonic()
             if catcher is None:
-                drive(engine, sock, trace=trace, mux=self.mux,
-                      watch=(self._leads.fileno(), self._dispatch) if leads else None)
+                if drive(engine, sock, trace=trace, mux=self.mux,
+                         watch=(self._leads.fileno(), self._dispatch) if leads else None):
+                    self._requests_waiting = True
             else:
                 drive(engine, sock, trace=trace, connected=True, stopped=lambda: job.ended,
                       mux=self.mux)

@@ -103,8 +103,9 @@ def drive(engine: Engine, sock: _socket.socket,
           trace: Optional[Trace] = None, connected: bool = False,
           stopped: Callable[[], bool] = _never,
           watch: Optional[Tuple[int, Callable[[], bool]]] = None,
-          mux: Optional[Multiplexer] = None) -> None:
-    """Run a transfer until it ends.
+          mux: Optional[Multiplexer] = None) -> bool:
+    """Run a transfer until it ends.  True: ``watch``'s descriptor was
+    readable at the end and ``call()`` was not made for it.
 
     ``connected``: ``sock`` is connected to ``engine.peer``, so every datagram
     read comes from it.  ``sock.shutdown(SHUT_RD)`` from another thread makes
@@ -122,10 +123,6 @@ def drive(engine: Engine, sock: _socket.socket,
     # A receiver sees one byte more than a full DATA, so an oversized one is
     # caught; a sender needs room for ACK and ERROR only (memory in storms).
     buf = bytearray(engine.blksize + 5 if isinstance(engine, Receiver) else _SENDER_RECV)
-    view = memoryview(buf)
-    recv = sock.recvfrom_into
-    recv_connected = sock.recv_into
-    peer = engine.peer
     receive = engine.receive
     if trace is not None:
         untraced = receive
@@ -133,6 +130,13 @@ def drive(engine: Engine, sock: _socket.socket,
         def receive(data: Buffer, addr: Address, now: float) -> None:
             trace("<", addr, (data,))
             untraced(data, addr, now)
+    if watch is not None and not connected:
+        engine.start(clock())
+        return _drive_watching(engine, sock, buf, receive, clock, watch)
+    view = memoryview(buf)
+    recv = sock.recvfrom_into
+    recv_connected = sock.recv_into
+    peer = engine.peer
     pump: Optional[Sender] = None     # the engine, when its pump applies
     if connected and trace is None and isinstance(engine, Sender):
         pump = engine
@@ -146,16 +150,13 @@ def drive(engine: Engine, sock: _socket.socket,
     inf = float("inf")
     current_ms = -1
     engine.start(clock())
-    if watch is not None and not connected:
-        _drive_watching(engine, sock, buf, receive, clock, watch)
-        return
     if mux is not None:
         mux.enter()
     try:
         while True:
             deadline = engine.deadline
             if deadline == inf:
-                return
+                return False
             wait = deadline - clock()
             if wait <= 0:
                 engine.on_timer(clock())
@@ -184,10 +185,10 @@ def drive(engine: Engine, sock: _socket.socket,
                 continue    # ICMP port unreachable for an earlier datagram: the timer decides
             except OSError:
                 engine.abort(ErrorCode.UNDEFINED, "Server error")
-                return
+                return False
             if addr is None:                  # shut down for a forced stop
                 engine.abort(ErrorCode.UNDEFINED, "Server shutting down")
-                return
+                return False
             receive(view[:n], addr, clock())
     finally:
         if mux is not None:
@@ -196,9 +197,9 @@ def drive(engine: Engine, sock: _socket.socket,
 
 def _drive_watching(engine: Engine, sock: _socket.socket, buf: bytearray,
                     receive: Callable[[Buffer, Address, float], None],
-                    clock: Callable[[], float], watch: Tuple[int, Callable[[], bool]]) -> None:
+                    clock: Callable[[], float], watch: Tuple[int, Callable[[], bool]]) -> bool:
     """``drive``'s loop for an unconnected socket that waits in ``poll()``
-    for it and for ``watch``'s descriptor."""
+    for it and for ``watch``'s descriptor (True: readable at the end)."""
     fd, call = watch
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN | _POLLRDHUP)
@@ -211,13 +212,14 @@ def _drive_watching(engine: Engine, sock: _socket.socket, buf: bytearray,
     while True:
         deadline = engine.deadline
         if deadline == inf:
-            return
+            return False
         wait = deadline - clock()
         if wait <= 0:
             engine.on_timer(clock())
             continue
         other = False
-        for ready, events in poller.poll(int(wait * 1000) + 1):
+        found = poller.poll(int(wait * 1000) + 1)
+        for ready, events in found:
             if ready != own:
                 other = True
                 continue
@@ -226,19 +228,19 @@ def _drive_watching(engine: Engine, sock: _socket.socket, buf: bytearray,
             except (BlockingIOError, InterruptedError):
                 if events & _HANGUP:          # nothing left and shut down: a forced stop
                     engine.abort(ErrorCode.UNDEFINED, "Server shutting down")
-                    return
+                    return False
                 continue
             except ConnectionRefusedError:
                 continue
             except OSError:
                 engine.abort(ErrorCode.UNDEFINED, "Server error")
-                return
+                return False
             if addr is None:                  # shut down for a forced stop
                 engine.abort(ErrorCode.UNDEFINED, "Server shutting down")
-                return
+                return False
             receive(view[:n], addr, clock())
             if engine.deadline == inf:
-                return                        # the transfer first
+                return len(found) > 1         # the transfer first; the caller reads fd
         if other and watching and not call():
             poller.unregister(fd)
             watching = False
