@@ -670,3 +670,103 @@ def test_file_swapped_for_a_symlink_after_resolution_is_not_served(tree, monkeyp
         assert os.pread(plan.fd, 100, 0) == b"inside\n"
     finally:
         plan.close()
+
+
+# -- small files' contents kept for their next request (files.kept_contents) ----
+
+class _Clock:
+    """time.time for an Admission, moved by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _sent(plan: object) -> bytes:
+    """What a plan's source sends as block 1, and its file closed."""
+    packet = plan.source.packet(1, 1)          # type: ignore[attr-defined]
+    plan.close()                               # type: ignore[attr-defined]
+    return bytes(packet)[4:]
+
+
+@pytest.fixture
+def fresh_contents(monkeypatch):
+    """An empty cache of contents for the test (and none left behind)."""
+    from tftpd import files
+    monkeypatch.setattr(files, "_contents", files.OrderedDict())
+    monkeypatch.setattr(files, "_seen", {})
+    return files
+
+
+def test_a_small_file_sent_again_is_neither_opened_nor_read(tree, fresh_contents,
+                                                             monkeypatch) -> None:
+    root, _, ctl = tree
+    clock = _Clock(os.stat(root / "ok.txt").st_ctime + 10)
+    adm = Admission(Config(root=str(root), access_file=str(ctl)),
+                    AccessTable(str(ctl), [str(root)]), clock=clock)
+    request = Request(Opcode.RRQ, b"in-link", b"octet")
+    first = adm.admit(request)
+    assert _sent(first) == b"ok\n"
+    if admission._RESOLVE_FLAGS:               # the kernel resolves: kept from the first
+        real_open = os.open
+
+        def no_read_open(path, flags, *args):  # type: ignore[no-untyped-def]
+            assert flags & os.O_PATH, f"{path} opened for reading"
+            return real_open(path, flags, *args)
+        monkeypatch.setattr(os, "open", no_read_open)
+        monkeypatch.setattr(os, "pread", lambda *a: pytest.fail("read again"))
+        plan = adm.admit(request)
+        assert plan.fd == -1 and plan.path == str(root / "ok.txt")
+        assert _sent(plan) == b"ok\n"
+        monkeypatch.undo()
+    else:                                      # by name: every request opens the file
+        plan = adm.admit(request)
+        assert plan.fd >= 0 and _sent(plan) == b"ok\n"
+
+
+def test_kept_contents_never_outlive_a_change(tree, fresh_contents) -> None:
+    """Same size, write time set back: the ctime still tells; and a file
+    made private, or a rule that denies it, refuses it as before."""
+    root, _, ctl = tree
+    path = root / "ok.txt"
+    clock = _Clock(0.0)
+    adm = Admission(Config(root=str(root), access_file=str(ctl)),
+                    AccessTable(str(ctl), [str(root)]), clock=clock)
+    request = Request(Opcode.RRQ, b"ok.txt", b"octet")
+    for body in (b"one\n", b"two\n", b"six\n"):
+        before = os.stat(path)
+        path.write_bytes(body)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))   # same size, same mtime
+        clock.now = os.stat(path).st_ctime + 10
+        for _ in range(3):
+            assert _sent(adm.admit(request)) == body
+    if admission._RESOLVE_FLAGS:
+        assert len(fresh_contents._contents) >= 1     # it was kept, and let go on each change
+    os.chmod(path, 0o640)
+    with pytest.raises(TftpError) as e:
+        adm.admit(request)
+    assert e.value.code == ErrorCode.ACCESS_VIOLATION
+    os.chmod(path, 0o644)
+    assert _sent(adm.admit(request)) == b"six\n"
+    ctl.write_text(f"allow:{root}\ndeny:{path}\n")
+    with pytest.raises(TftpError) as e:
+        adm.admit(request)
+    assert e.value.code == ErrorCode.ACCESS_VIOLATION
+
+
+def test_contents_are_kept_only_for_octet_small_files_and_a_clock(tree, fresh_contents) -> None:
+    root, _, ctl = tree
+    (root / "big.txt").write_bytes(b"b" * (fresh_contents.KEEP_CONTENTS_MAX + 1))
+    os.chmod(root / "big.txt", 0o644)
+    ctl_path = str(ctl)
+    for clock in (None, _Clock(os.stat(root / "big.txt").st_ctime + 10)):
+        adm = Admission(Config(root=str(root), access_file=ctl_path),
+                        AccessTable(ctl_path, [str(root)]), clock=clock)
+        for name, mode in ((b"big.txt", b"octet"), (b"ok.txt", b"netascii"),
+                           (b"ok.txt", b"octet")):
+            for _ in range(2):
+                adm.admit(Request(Opcode.RRQ, name, mode)).close()
+                if clock is None or name == b"big.txt" or mode == b"netascii":
+                    assert not fresh_contents._contents, (clock, name, mode)

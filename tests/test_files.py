@@ -489,3 +489,57 @@ def test_mapped_source_of_a_file_that_shrank_fails_as_a_read_error() -> None:
     finally:
         rx.close()
         tx.close()
+
+
+def _stat_with(ctime_ns: int, size: int = 10) -> os.stat_result:
+    """A regular file's stat with this ctime (and mtime)."""
+    secs = ctime_ns / 1e9
+    fields = [stat.S_IFREG | 0o644, 7, 1, 1, 0, 0, size, int(secs), int(secs), int(secs),
+              secs, secs, secs, ctime_ns, ctime_ns, ctime_ns]
+    return os.stat_result(fields[:10], dict(st_atime=secs, st_mtime=secs, st_ctime=secs,
+                                            st_atime_ns=ctime_ns, st_mtime_ns=ctime_ns,
+                                            st_ctime_ns=ctime_ns))
+
+
+def test_contents_are_kept_once_the_file_has_settled(monkeypatch) -> None:
+    monkeypatch.setattr(files, "_seen", {})
+    settled = files.KEEP_CONTENTS_SETTLED
+    fine = _stat_with(1_000_000_000_123_456_789)          # sub-second stamps
+    t = fine.st_ctime
+    assert not files.settled(fine, t + settled - 0.5)     # changed too recently
+    assert files.settled(fine, t + settled + 0.5)
+    assert not files.settled(_stat_with(fine.st_ctime_ns, files.KEEP_CONTENTS_MAX + 1),
+                             t + 100)                     # too big
+    # whole-second stamps (or a file server's clock): only after this process
+    # has seen the file unchanged for that long, whatever its ctime says
+    coarse = _stat_with(1_000_000_000_000_000_000)
+    now = coarse.st_ctime + 1000
+    assert not files.settled(coarse, now)
+    assert not files.settled(coarse, now + settled - 0.5)
+    assert files.settled(coarse, now + settled + 0.5)
+    changed = _stat_with(coarse.st_ctime_ns + 1_000_000_000)
+    assert not files.settled(changed, now + settled + 0.5)   # another file as far as it knows
+
+
+def test_kept_contents_are_bounded_and_looked_up_by_the_whole_stat(monkeypatch) -> None:
+    monkeypatch.setattr(files, "_contents", files.OrderedDict())
+    monkeypatch.setattr(files, "_seen", {})
+    stats = [_stat_with(1_000_000_000_000_000_001 + i) for i in range(files.KEEP_CONTENTS + 5)]
+    for i, st in enumerate(stats):
+        files.keep_contents(st, b"%010d" % i)
+    assert len(files._contents) == files.KEEP_CONTENTS
+    assert files.kept_contents(stats[0]) is None                  # the oldest went
+    assert files.kept_contents(stats[-1]) == b"%010d" % (len(stats) - 1)
+    assert files.kept_contents(_stat_with(stats[-1].st_ctime_ns, 11)) is None   # other size
+
+
+@pytest.mark.parametrize("blksize,size", [(512, 0), (512, 300), (512, 512), (512, 4096),
+                                          (1468, 1000), (8, 100)])
+def test_bytes_source_sends_the_same_packets_as_the_file(blksize: int, size: int) -> None:
+    body = pattern(size)
+    with TempFd(body) as fd:
+        from_file = files.file_source(fd, blksize, size)
+        from_bytes = files.BytesSource(body, blksize)
+        for i in range(1, size // blksize + 2):
+            a, b = from_file.packet(i, i & 0xFFFF), from_bytes.packet(i, i & 0xFFFF)
+            assert bytes(a) == bytes(b)

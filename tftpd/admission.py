@@ -12,15 +12,15 @@ import stat
 
 from . import netascii, paths
 from .files import (
-    AtomicFile, FileSource, MappedSource, NetasciiSink, NetasciiSource, SmallSource, file_source,
-    free_bytes,
+    KEEP_CONTENTS_MAX, AtomicFile, BytesSource, FileSource, MappedSource, NetasciiSink,
+    NetasciiSource, SmallSource, file_source, free_bytes, keep_contents, kept_contents, settled,
 )
 from .options import negotiate
 from .packets import ErrorCode, Opcode, TftpError, oack_packet
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Optional, Protocol, Sequence, Tuple, Union
+    from typing import Callable, Optional, Protocol, Sequence, Tuple, Union
 
     from .config import Config
     from .options import Limits, Negotiated
@@ -71,7 +71,7 @@ class Plan:
     def __init__(self, opcode: int, path: str, netascii: bool, negotiated: Negotiated,
                  oack: Optional[bytes],
                  source: Union[FileSource, MappedSource, SmallSource, NetasciiSource,
-                               None] = None,
+                               BytesSource, None] = None,
                  sink: Union[AtomicFile, NetasciiSink, None] = None, fd: int = -1,
                  size: int = -1) -> None:
         self.opcode = opcode
@@ -135,11 +135,16 @@ def _created_in(fd: int, directory: str) -> bool:
 
 
 class Admission:
-    def __init__(self, config: Config, policy: Policy, umask: int = 0o022) -> None:
+    """``clock``: time.time (the server's); with it, the contents of small
+    files are kept for their next request (``files.settled``)."""
+
+    def __init__(self, config: Config, policy: Policy, umask: int = 0o022,
+                 clock: Optional[Callable[[], float]] = None) -> None:
         self.config = config
         self.policy = policy
         self.limits: Limits = config.limits
         self.new_file_mode = 0o666 & ~umask
+        self.clock = clock
 
     def admit(self, request: Request) -> Plan:
         mode = request.mode.lower()
@@ -160,25 +165,36 @@ class Admission:
             raise _denied()
 
     def _read(self, request: Request, text: bool) -> Plan:
-        path, fd, st = self._open_read(request.filename)
+        path, fd, st, data = self._open_read(request.filename, not text)
         try:
             options = request.options
             n = negotiate(Opcode.RRQ, options, self.limits,
                           rrq_size=None if not options    # (no closure per plain request)
                           else (lambda: netascii.encoded_size(fd)) if text
                           else (lambda: st.st_size))
-            source: Union[FileSource, MappedSource, SmallSource, NetasciiSource] = (
+            if data is None and not text and self.clock is not None and settled(st, self.clock()):
+                data = os.pread(fd, st.st_size + 1, 0)
+                if len(data) == st.st_size:
+                    keep_contents(st, data)
+                else:
+                    data = None          # it changed meanwhile: read it as it comes
+            source: Union[FileSource, MappedSource, SmallSource, NetasciiSource, BytesSource] = (
                 NetasciiSource(fd, n.blksize, n.windowsize) if text
+                else BytesSource(data, n.blksize) if data is not None
                 else file_source(fd, n.blksize, st.st_size))
             return Plan(Opcode.RRQ, path, text, n, oack_packet(n.oack()) if n.acked else None,
                         source=source, fd=fd, size=st.st_size)
         except BaseException:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             raise
 
-    def _open_read(self, name: bytes) -> Tuple[str, int, os.stat_result]:
+    def _open_read(self, name: bytes, kept: bool
+                   ) -> Tuple[str, int, os.stat_result, Optional[bytes]]:
         """The real path of a requested file, the file opened for (blocking)
-        reads at that path, and its ``fstat``; or a TftpError.
+        reads at that path, its ``fstat``, and None; with ``kept``, for a
+        small file whose contents were kept (``files.kept_contents``), -1 and
+        those contents instead of a descriptor.  Or a TftpError.
 
         Where the kernel can say it (Linux: ``O_PATH`` and ``/proc``), it
         resolves the name once, into a descriptor that opens nothing (no side
@@ -195,14 +211,16 @@ class Admission:
                 ref = -1
             if ref >= 0:
                 try:
-                    opened = self._open_resolved(ref)
+                    opened = self._open_resolved(ref, kept)
                 finally:
                     os.close(ref)
                 if opened is not None:
                     return opened
-        return self._open_named(name)
+        path, fd, st = self._open_named(name)
+        return path, fd, st, None
 
-    def _open_resolved(self, ref: int) -> Optional[Tuple[str, int, os.stat_result]]:
+    def _open_resolved(self, ref: int, kept: bool
+                       ) -> Optional[Tuple[str, int, os.stat_result, Optional[bytes]]]:
         """``_open_read`` from an ``O_PATH`` descriptor; None: go the long way."""
         link = f"/proc/self/fd/{ref}"
         try:
@@ -216,13 +234,20 @@ class Admission:
             raise _denied()
         if not _servable(pre):
             raise _denied()
+        if kept and pre.st_size <= KEEP_CONTENTS_MAX:
+            # Kept when this file, as it is now, was read before (through
+            # the open below): its mode, owner and ACL are those of then
+            # (a change would show in its ctime), so the server may read it.
+            data = kept_contents(pre)
+            if data is not None:
+                return path, -1, pre, data
         try:
             fd = os.open(link, _REOPEN_FLAGS)
         except OSError as e:
             raise _not_found() if e.errno in (errno.ENOENT, errno.ENOTDIR) else _denied()
         # The open went through the descriptor's own link: it is the file
         # checked, so its fstat stands (no second one: ~4,500 instructions).
-        return path, fd, pre
+        return path, fd, pre, None
 
     def _open_named(self, name: bytes) -> Tuple[str, int, os.stat_result]:
         """``_open_read`` by name: ``realpath``, then open with ``O_NOFOLLOW``

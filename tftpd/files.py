@@ -27,13 +27,13 @@ from .transfer import SHRANK
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import List, Optional, Tuple, Union
+    from typing import Dict, List, Optional, Tuple, Union
 
     from .transfer import Buffer
 
-__all__ = ["file_source", "FileSource", "MappedSource", "SmallSource", "NetasciiSource",
-           "AtomicFile", "NetasciiSink", "TEMP_PREFIX", "TEMP_SUFFIX", "TEMP_LETTERS",
-           "READ_CHUNK"]
+__all__ = ["file_source", "FileSource", "MappedSource", "SmallSource", "BytesSource",
+           "NetasciiSource", "AtomicFile", "NetasciiSink", "TEMP_PREFIX", "TEMP_SUFFIX",
+           "TEMP_LETTERS", "READ_CHUNK", "kept_contents", "settled", "keep_contents"]
 
 READ_CHUNK = 16 * 1024   # a run of blocks read at once: 200 transfers hold 3 MiB
 MAP_MIN_BLKSIZE = 32 * 1024   # from here on a file is mapped (measured: 10 vs 13 µs per block)
@@ -41,6 +41,12 @@ MAP_WINDOW = 2 * 1024 * 1024  # mapped at once when a file is not kept mapped (s
 KEEP_MAPPED_MAX = 1 << 30      # files up to this size are mapped whole and kept mapped
 KEEP_MAPPED = 4                # files kept mapped per process, the most recently sent
 MAX_SLOTS = 256            # iovecs per preadv (IOV_MAX is 1024)
+KEEP_CONTENTS_MAX = 4096   # files up to this size have their contents kept (kept_contents)
+KEEP_CONTENTS = 256        # ... this many of them per process, the most recently sent
+# A file's contents are kept only once its last change (ctime) is this many
+# seconds old: a change made later gets a later ctime even on a file system
+# whose time stamps count whole seconds (or two, as FAT's do).
+KEEP_CONTENTS_SETTLED = 3.0
 _HDR = struct.Struct("!HH")
 # The high and low bytes of the block numbers n, n+1, ... are _HIGH[n:] and
 # _LOW[n:] (a run of up to MAX_SLOTS from any n < 65536).
@@ -190,6 +196,81 @@ class SmallSource:
     def packet(self, index: int, number: int) -> bytes:
         blksize = self.blksize
         return _HDR.pack(3, number) + os.pread(self.fd, blksize, (index - 1) * blksize)
+
+
+class BytesSource:
+    """DATA packets of a file whose contents are in memory (``kept_contents``):
+    no descriptor, no read."""
+
+    __slots__ = ("data", "blksize", "first")
+
+    def __init__(self, data: bytes, blksize: int) -> None:
+        self.data = data
+        self.blksize = blksize
+        self.first = b"\x00\x03\x00\x01" + data[:blksize]
+
+    def packet(self, index: int, number: int) -> bytes:
+        if index == 1 and number == 1:
+            return self.first
+        blksize = self.blksize
+        return _HDR.pack(3, number) + self.data[(index - 1) * blksize:index * blksize]
+
+
+# The contents of small files, by what ``os.fstat`` says of the file: device,
+# inode, size, and the times of its last write and last change (ctime, which
+# every write, chmod, chown or ACL change sets and nothing can set back).
+# Shared by the transfer threads without a lock, as _kept below.
+_contents: "OrderedDict[Tuple[int, int, int, int, int], bytes]" = OrderedDict()
+_seen: "Dict[Tuple[int, int, int, int, int], float]" = {}   # key -> first seen (time.time())
+
+
+def _key(st: os.stat_result) -> Tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def kept_contents(st: os.stat_result) -> Optional[bytes]:
+    """The contents of the file that ``st`` describes, if they were kept
+    (``keep_contents``) and the file has not changed since: a small file
+    sent again needs no open and no read."""
+    return _contents.get(_key(st))
+
+
+def settled(st: os.stat_result, now: float) -> bool:
+    """May the contents of the file that ``st`` describes be read now and
+    kept?  Only a file of at most ``KEEP_CONTENTS_MAX`` bytes that has not
+    changed for ``KEEP_CONTENTS_SETTLED`` seconds, so that a change after
+    the read cannot keep the ctime of the change before it: where time
+    stamps are finer than a second (a clock tick on Linux), its ctime must
+    be that much older than ``now`` (time.time()); where they count whole
+    seconds (or two, as FAT's do), this process must have seen the file
+    unchanged (``_key``) that long before ``now``, whatever the clock that
+    stamped it says."""
+    if st.st_size > KEEP_CONTENTS_MAX:
+        return False
+    if st.st_ctime_ns % 1_000_000_000 and now - st.st_ctime >= KEEP_CONTENTS_SETTLED:
+        return True
+    key = _key(st)
+    first = _seen.get(key)
+    if first is None:
+        if len(_seen) >= 4 * KEEP_CONTENTS:
+            _seen.clear()
+        _seen[key] = now
+        return False
+    return now - first >= KEEP_CONTENTS_SETTLED
+
+
+def keep_contents(st: os.stat_result, data: bytes) -> None:
+    """Keep ``data``, all of the file that ``st`` describes, read after
+    ``settled`` said so, for ``kept_contents``; the ``KEEP_CONTENTS`` most
+    recently kept stay."""
+    key = _key(st)
+    _seen.pop(key, None)
+    _contents[key] = data
+    while len(_contents) > KEEP_CONTENTS:
+        try:
+            _contents.popitem(last=False)
+        except KeyError:          # emptied by another thread meanwhile
+            break
 
 
 # Transfer threads share it without a lock: each OrderedDict call is atomic
