@@ -528,13 +528,10 @@ def test_wrong_tid_gets_error_5_and_transfer_continues(shared: ServerProcess, ki
                 time.sleep(0.02)
             assert file_sha(shared.upload / name) == sha(content)
     if kind == "RRQ":          # (a WRQ dallies for its client's last DATA first)
-        # the catcher goes with the transfer; a short download's socket (not
-        # connected) is kept for the next transfer (_Spares)
-        left = [] if size > 5000 else ["unconnected"]
-        deadline = time.monotonic() + 5
-        while udp_sockets_on(tid[1], family) != left and time.monotonic() < deadline:
+        deadline = time.monotonic() + 5             # the catcher goes with the transfer
+        while udp_sockets_on(tid[1], family) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert udp_sockets_on(tid[1], family) == left
+        assert udp_sockets_on(tid[1], family) == []
 
 
 def test_duplicate_request_while_running_is_not_a_second_transfer(shared: ServerProcess) -> None:
@@ -1796,87 +1793,3 @@ def test_inetd_mode_exits_when_idle_for_its_idle_time(tmp_path: Path, idle: floa
         loop.join(idle + 5)
     assert ended, "the request loop did not exit"
     assert idle - 0.05 <= ended[0] - acked <= idle + 0.4
-
-
-# -- transfer sockets kept for the next transfer (server._Spares) ---------------
-
-def test_a_short_downloads_socket_serves_the_next_peer_never_the_same(tmp_path: Path) -> None:
-    """A short download's socket, once it ended well, serves the next
-    transfer from the same address, unless that comes from the same peer
-    (whose late datagrams could pass for the new transfer's); a late
-    datagram of the socket's last peer is a stray there."""
-    body = payload(600, 7)                                   # two blocks
-    with InProcess(tmp_path, {"f.bin": body}) as it:
-        with Peer(it.addr) as a, Peer(it.addr) as b:
-            first = a.download("f.bin")
-            assert first.data == body
-            again = a.download("f.bin")                      # the same peer: another socket
-            assert again.data == body and again.tid != first.tid
-            assert udp_sockets_on(first.tid[1], socket.AF_INET) == []
-            b.send(rrq("f.bin"))
-            d1, tid = b.expect(op=DATA)
-            assert tid == again.tid                          # another peer: the one kept
-            a.send(ack(2), tid)                              # late, from its last peer
-            err, addr = a.expect(op=ERROR, what="ERROR 5")
-            assert err.code == 5 and addr == tid
-            b.send(ack(1), tid)
-            d2, _ = b.expect(op=DATA)
-            assert d2.block == 2 and bytes(d1.payload) + bytes(d2.payload) == body
-            b.send(ack(2), tid)
-            assert b.listen(0.3) == []
-        port = tid[1]
-        assert wait_until(lambda: not it.server.pool.pending())
-        assert udp_sockets_on(port, socket.AF_INET) == ["unconnected"]    # kept
-    assert udp_sockets_on(port, socket.AF_INET) == []        # closed with the server
-
-
-def test_a_failed_or_long_transfers_socket_is_not_kept(tmp_path: Path) -> None:
-    from tftpd.server import CONNECT_MIN_BLOCKS
-    long_body = payload(512 * CONNECT_MIN_BLOCKS + 1, 8)
-    with InProcess(tmp_path, {"f.bin": payload(600, 7), "long.bin": long_body},
-                   timeout=1, max_timeouts=1) as it:
-        with Peer(it.addr) as peer:
-            peer.send(rrq("f.bin"))
-            _, tid = peer.expect(op=DATA)
-            peer.send(error(0, "changed my mind"), tid)      # ended by the client
-            assert wait_until(lambda: udp_sockets_on(tid[1], socket.AF_INET) == [])
-            peer.send(rrq("f.bin", options={"blksize": "600"}))
-            _, tid = peer.expect(op=OACK)                    # never answered: times out
-            assert wait_until(lambda: udp_sockets_on(tid[1], socket.AF_INET) == [], timeout=15)
-            res = peer.download("long.bin")                  # connected, with a catcher
-            assert res.data == long_body
-            assert wait_until(lambda: udp_sockets_on(res.tid[1], socket.AF_INET) == [])
-        assert not any(it.server._spares.kept.values())
-
-
-def test_spares_are_bounded_per_address_and_in_addresses() -> None:
-    from tftpd.server import SPARE_ADDRESSES, SPARE_PER_ADDRESS, _Spares
-
-    spares = _Spares()
-    made: List[socket.socket] = []
-    try:
-        for i in range(SPARE_PER_ADDRESS + 3):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            made.append(s)
-            spares.give(s, socket.AF_INET, ("127.0.0.1", 0), ("127.0.0.1", 1000 + i))
-        for i in range(SPARE_ADDRESSES + 2):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            made.append(s)
-            spares.give(s, socket.AF_INET, (f"127.0.1.{i}", 0), ("127.0.0.1", 999))
-        assert len(spares.kept) == SPARE_ADDRESSES
-        assert len(spares.kept[(socket.AF_INET, ("127.0.0.1", 0))]) == SPARE_PER_ADDRESS
-        closed = [s for s in made if s.fileno() == -1]
-        assert len(closed) == 3 + 3                      # what did not fit was closed
-        # taken most recent first, never by the peer it last served
-        assert spares.take(socket.AF_INET, ("127.0.0.1", 0), ("127.0.0.1", 5)) is made[
-            SPARE_PER_ADDRESS - 1]
-        last = made[SPARE_PER_ADDRESS - 2]
-        assert spares.take(socket.AF_INET, ("127.0.0.1", 0),
-                           ("127.0.0.1", 1000 + SPARE_PER_ADDRESS - 2)) is None
-        assert last.fileno() == -1
-        assert spares.take(socket.AF_INET6, ("127.0.0.1", 0), ("127.0.0.1", 5)) is None
-        spares.close()
-        assert all(s.fileno() == -1 for s in made if s is not made[SPARE_PER_ADDRESS - 1])
-    finally:
-        for s in made:
-            s.close()

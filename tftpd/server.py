@@ -77,8 +77,6 @@ PENDING_POLL = 0.5     # inetd mode: how often the request loop looks whether tr
 # the request loop read requests meanwhile; it looks this often while lends happen.
 LEND_AFTER = 0.1
 SETTLE_MAX = 300.0     # a request waits at most this long for the transfer it may repeat
-SPARE_PER_ADDRESS = 64  # transfer sockets kept for reuse per local address (_Spares)
-SPARE_ADDRESSES = 16    # ... and local addresses they are kept for
 _get_ident = threading.get_ident
 _monotonic = time.monotonic
 
@@ -102,52 +100,6 @@ class Job:
         # (old job, arrival): maybe a resend of old's request (is_retransmission
         # unsure); the worker decides once old has ended
         self.after: Optional[Tuple[Job, float]] = None
-
-
-class _Spares:
-    """Transfer sockets of small downloads that ended well, kept bound for
-    the next transfer from the same local address: a new socket, its bind
-    and its close cost three system calls (about 9 us on the machines
-    measured, a twentieth of a one-block RRQ).  A socket goes to another
-    peer than its last (a late resend from that peer gets ERROR 5 like any
-    stray); connected sockets (long transfers) are never kept.  Shared by
-    the transfer threads without a lock: list and dict calls are atomic
-    under the GIL, and the bounds may be passed by a socket per thread."""
-
-    __slots__ = ("kept",)
-
-    def __init__(self) -> None:
-        self.kept: Dict[Tuple[int, Address], List[Tuple[_socket.socket, Address]]] = {}
-
-    def take(self, family: int, local: Address, peer: Address) -> Optional[_socket.socket]:
-        spare = self.kept.get((family, local))
-        if spare:
-            try:
-                sock, last = spare.pop()
-            except IndexError:        # taken by another thread meanwhile
-                return None
-            if last != peer:
-                return sock
-            sock.close()              # its late datagrams could pass for the new peer's
-        return None
-
-    def give(self, sock: _socket.socket, family: int, local: Address, peer: Address) -> None:
-        spare = self.kept.get((family, local))
-        if spare is None:
-            if len(self.kept) >= SPARE_ADDRESSES:
-                sock.close()
-                return
-            spare = self.kept.setdefault((family, local), [])
-        if len(spare) >= SPARE_PER_ADDRESS:
-            sock.close()
-            return
-        spare.append((sock, peer))
-
-    def close(self) -> None:
-        kept, self.kept = self.kept, {}
-        for spare in kept.values():
-            for sock, _ in spare:
-                sock.close()
 
 
 def enable_pktinfo(sock: _socket.socket) -> None:
@@ -625,8 +577,7 @@ class Server:
             self._inbox, self._done, self._slot = inbox
         self.sockets = sockets
         self._family = {s: s.family for s in sockets}   # (a property call per request)
-        self.admission = Admission(config, policy, umask=_current_umask(),
-                               clock=time.time)
+        self.admission = Admission(config, policy, umask=_current_umask(), clock=time.time)
         self.idle_exit = idle_exit
         # inetd mode: while transfers run the request loop looks every
         # PENDING_POLL seconds whether they have ended; with a shorter idle
@@ -663,7 +614,6 @@ class Server:
             self._leads.register(self._stop_r.fileno(), select.EPOLLIN)
             self._leads.register(self._kick_r.fileno(), select.EPOLLIN)
         self.mux = Multiplexer()           # pumps of concurrent downloads
-        self._spares = _Spares()           # transfer sockets kept for reuse
         self.pool = Pool(config.max_threads, config.queue_limit, self._run,
                          on_idle=self._wake if idle_exit
                          and config.idle_timeout < PENDING_POLL else None,
@@ -811,7 +761,6 @@ class Server:
             return self._shutdown()
         finally:
             poller.close()
-            self._spares.close()
             if group is not None:
                 group.close()
                 self._leads.close()
@@ -1164,17 +1113,12 @@ class Server:
         req = job.request
         kind = "RRQ" if req.opcode == Opcode.RRQ else "WRQ"
         who = f"{show(job.peer)} " if self.config.log_address else ""
-        sock = None if self.stopping else self._spares.take(job.family, job.local, job.peer)
-        fresh = sock is None
-        if sock is None:
-            sock = _socket.socket(job.family, _socket.SOCK_DGRAM)
+        sock = _socket.socket(job.family, _socket.SOCK_DGRAM)
         catcher: Optional[_socket.socket] = None
         plan: Optional[Plan] = None
         trace = tracer(show) if self.debug else None
-        keep = False          # the socket goes to _spares for another transfer
         try:
-            if fresh:
-                bind_transfer(sock, job.local)
+            bind_transfer(sock, job.local)
             if trace is not None:
                 _so_debug(sock)
             if self.stopping >= 2:
@@ -1190,7 +1134,6 @@ class Server:
                 if trace is not None:
                     trace(">", job.peer, (e.packet(),))
                 sock.sendto(e.packet(), job.peer)
-                keep = trace is None
                 log.warning("%s%s %s refused: %s", who, kind, paths.display(req.filename),
                             e.message)
                 return
@@ -1222,22 +1165,12 @@ class Server:
                       mux=self.mux)
             if engine.outcome != Outcome.OK or self.config.verbose:
                 self._report(engine, plan, job, kind, who, start)
-            keep = (catcher is None and trace is None and engine.outcome == Outcome.OK
-                    and plan.opcode == Opcode.RRQ)
         finally:
             if plan is not None:
                 plan.close()
             if catcher is not None:
                 self._drop_catcher(catcher)
-            if keep:
-                # out of ``transfers`` first: a stop from now on cannot shut it down
-                with self.lock:
-                    self.transfers.pop(id(job), None)
-                    keep = not self.stopping and not job.ended
-            if keep:
-                self._spares.give(sock, job.family, job.local, job.peer)
-            else:
-                sock.close()
+            sock.close()
 
     def _engine(self, plan: Plan, sock: _socket.socket, peer: Address,
                 trace: Optional[Trace] = None, connected: bool = False) -> Engine:
