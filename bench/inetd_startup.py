@@ -162,6 +162,16 @@ def first_data(port: int, timeout: float = 10.0) -> float:
         s.close()
 
 
+def timed(name: str, cmd: str, port: int) -> float:
+    """``first_data`` of one server, or exit naming it (under inetd a server's
+    errors go to the client's socket, so a broken line only shows as silence)."""
+    try:
+        return first_data(port)
+    except (TimeoutError, socket.timeout, ConnectionRefusedError) as e:
+        sys.exit(f"{name}: no DATA ({e or 'timed out'}); run its inetd command by hand to see why:"
+                 f"\n  {cmd}")
+
+
 def lingering(n: int, py: str) -> int:
     """N sequential small RRQs to servers that stay after the first one."""
     work, root = make_root("tftpd-linger-")
@@ -181,12 +191,12 @@ def lingering(n: int, py: str) -> int:
     results: Dict[str, List[float]] = {name: [] for name in servers}
     try:
         inetd.wait_services(len(servers))
-        for name, (port, _cmd) in servers.items():
+        for name, (port, cmd) in servers.items():
             reaped = inetd.count(r" reaped, status ")
-            first_data(port)                          # starts the server; not counted
+            timed(name, cmd, port)                    # starts the server; not counted
             for _ in range(n):
                 t0 = time.perf_counter()
-                first_data(port)                      # RRQ, DATA 1 (the whole file), ACK
+                timed(name, cmd, port)                # RRQ, DATA 1 (the whole file), ACK
                 results[name].append(time.perf_counter() - t0)
             if not inetd.wait_count(r" reaped, status ", reaped + 1, idle + 30):
                 sys.exit(f"{name}: server did not exit after its idle time")
@@ -221,7 +231,8 @@ def main() -> int:
     work, root = make_root("tftpd-startup-")
     me = pwd.getpwuid(os.getuid()).pw_name
     py = args.python
-    venv = sys.executable
+    # the project's virtual environment (tools/setup-tests), where tftpd is installed
+    venv = str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() else sys.executable
     pkg = str(REPO / "tftpd")
     common = f"--root {root} --access-file {work}/none.ctl --idle-timeout 0"
     servers: Dict[str, Tuple[int, str, str]] = {}
@@ -245,9 +256,9 @@ def main() -> int:
         results: Dict[str, List[float]] = {name: [] for name in servers}
         # one warm-up per server (page cache, .pyc), not counted
         for rnd in range(args.trials + 1):
-            for name, (port, _user, _cmd) in servers.items():
+            for name, (port, _user, cmd) in servers.items():
                 reaped = inetd.count(r" reaped, status ")
-                dt = first_data(port)
+                dt = timed(name, cmd, port)
                 if not inetd.wait_count(r" reaped, status ", reaped + 1, 30):
                     sys.exit(f"{name}: server did not exit after the transfer")
                 if rnd:
