@@ -1793,3 +1793,22 @@ def test_inetd_mode_exits_when_idle_for_its_idle_time(tmp_path: Path, idle: floa
         loop.join(idle + 5)
     assert ended, "the request loop did not exit"
     assert idle - 0.05 <= ended[0] - acked <= idle + 0.4
+
+
+def test_a_small_files_kept_contents_serve_every_kind_of_download(tmp_path: Path) -> None:
+    """Kept contents (files.kept_contents) are sent one block at a time, by a
+    window, and on a connected socket by the pump (300 bytes at blksize 8
+    are 38 blocks: CONNECT_MIN_BLOCKS or more); tsize says the file's size."""
+    from tftpd import files
+    body = payload(300, 3)
+    with InProcess(tmp_path, {"f.bin": body}) as it:
+        it.server.admission.clock = lambda: time.time() + 10      # the file looks settled
+        for options in ({}, {"blksize": "8"}, {"blksize": "8", "windowsize": "4"},
+                        {"blksize": "16", "tsize": "0"}):
+            for _ in range(2):                   # read and kept, then sent from memory
+                with Peer(it.addr) as peer:
+                    res = peer.download("f.bin", options=options)
+                assert res.error is None and res.data == body, options
+                if "tsize" in options:
+                    assert res.oack is not None and res.oack["tsize"] == "300"
+        assert files.kept_contents(os.stat(it.root / "f.bin")) == body
