@@ -43,9 +43,9 @@ KEEP_MAPPED = 4                # files kept mapped per process, the most recentl
 MAX_SLOTS = 256            # iovecs per preadv (IOV_MAX is 1024)
 KEEP_CONTENTS_MAX = 4096   # files up to this size have their contents kept (kept_contents)
 KEEP_CONTENTS = 256        # ... this many of them per process, the most recently sent
-# A file's contents are kept only once its last change (ctime) is this many
-# seconds old: a change made later gets a later ctime even on a file system
-# whose time stamps count whole seconds (or two, as FAT's do).
+# A file's contents are kept only once it has not changed for this many
+# seconds (settled): a change after the read then gets a later ctime, even
+# where time stamps count whole seconds (or two, as FAT's do).
 KEEP_CONTENTS_SETTLED = 3.0
 _HDR = struct.Struct("!HH")
 # The high and low bytes of the block numbers n, n+1, ... are _HIGH[n:] and
