@@ -317,3 +317,11 @@ def test_missing_default_root_inetd(tmp_path: Path) -> None:
         s.close()
     assert r.returncode == 2, r.stderr
     assert "--root" in r.stderr and "/tftpboot" in r.stderr
+
+
+
+def test_reread_is_a_flag(tmp_path: Path) -> None:
+    assert cli.parse_args(["-p", "0", "--root", str(tmp_path), "--reread"]).config.reread is True
+    assert cli.parse_args(["-p", "0", "--root", str(tmp_path)]).config.reread is False
+    res = tftpd("--reread=yes", "-p", "0")
+    assert res.returncode == 2 and "--reread: takes no value" in res.stderr

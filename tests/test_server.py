@@ -1812,3 +1812,22 @@ def test_a_small_files_kept_contents_serve_every_kind_of_download(tmp_path: Path
                 if "tsize" in options:
                     assert res.oack is not None and res.oack["tsize"] == "300"
         assert files.kept_contents(os.stat(it.root / "f.bin")) == body
+
+
+def test_reread_keeps_no_small_files_contents(tmp_path: Path) -> None:
+    """--reread: the admission gets no clock, so nothing is kept, even for a
+    file that looks settled to a server without it."""
+    from tftpd import files
+    body = payload(300, 4)
+    for reread in (True, False):
+        base = tmp_path / str(reread)
+        base.mkdir()
+        with InProcess(base, {"f.bin": body}, reread=reread) as it:
+            assert (it.server.admission.clock is None) is reread
+            if not reread:
+                it.server.admission.clock = lambda: time.time() + 10
+            for _ in range(2):
+                with Peer(it.addr) as peer:
+                    assert peer.download("f.bin").data == body
+            kept = files.kept_contents(os.stat(it.root / "f.bin"))
+            assert kept is None if reread else kept == body

@@ -140,6 +140,9 @@ FLAGS: Sequence[Flag] = (
          "with -p: serving processes, each with up to -c transfers; the main one reads "
          "the port and passes requests to the least busy (default: four per CPU, at most 16)",
          _int(1, 64)),
+    Flag(None, "reread", None, "reread",
+         "read every file at every request: keep no small file's contents in memory (for a "
+         "file system whose time stamps do not change when a file does)"),
     Flag(None, "daemon", None, "daemon", "with -p: detach and run in the background"),
     Flag(None, "pidfile", "FILE", "pidfile", "PID lock file for --daemon (default /run/tftpd.pid)",
          _text),
@@ -274,7 +277,7 @@ def parse_args(argv: List[str]) -> Parsed:
             values[flag.dest] = parsed
     if "help" in flags or "version" in flags:
         return Parsed(Config(), help="help" in flags, version="version" in flags)
-    for dest in ("allow_write", "verbose", "log_address", "socket_debug", "daemon"):
+    for dest in ("allow_write", "verbose", "log_address", "socket_debug", "daemon", "reread"):
         if dest in flags:
             values[dest] = True
     if refused:

@@ -16,7 +16,8 @@ class Config(Frozen):
     __slots__ = ("root", "write_dir", "allow_write", "port", "address", "max_threads",
                  "queue_limit", "refused", "timeout", "max_timeouts", "max_blksize",
                  "max_windowsize", "verbose", "log_address", "socket_debug", "user",
-                 "idle_timeout", "access_file", "daemon", "pidfile", "log_file", "processes")
+                 "idle_timeout", "access_file", "daemon", "pidfile", "log_file", "processes",
+                 "reread")
     root: str                   # --root: read root for relative names
     write_dir: Optional[str]    # -d: WRQ destination for relative names
     allow_write: bool           # -n
@@ -39,6 +40,7 @@ class Config(Frozen):
     pidfile: str
     log_file: Optional[str]     # --log-file (reopened on SIGHUP)
     processes: int              # --processes (standalone); 0: four per CPU, at most 16
+    reread: bool                # --reread: keep no small file's contents in memory
 
     def __init__(self, root: str = "/tftpboot", write_dir: Optional[str] = None,
                  allow_write: bool = False, port: Optional[int] = None,
@@ -49,11 +51,11 @@ class Config(Frozen):
                  socket_debug: bool = False, user: str = "nobody", idle_timeout: float = 60.0,
                  access_file: str = "/etc/tftpaccess.ctl", daemon: bool = False,
                  pidfile: str = "/run/tftpd.pid", log_file: Optional[str] = None,
-                 processes: int = 0) -> None:
+                 processes: int = 0, reread: bool = False) -> None:
         self._init(root, write_dir, allow_write, port, address, max_threads, queue_limit,
                    refused, timeout, max_timeouts, max_blksize, max_windowsize, verbose,
                    log_address, socket_debug, user, idle_timeout, access_file, daemon,
-                   pidfile, log_file, processes)
+                   pidfile, log_file, processes, reread)
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (``dataclasses.replace``)."""

@@ -577,7 +577,8 @@ class Server:
             self._inbox, self._done, self._slot = inbox
         self.sockets = sockets
         self._family = {s: s.family for s in sockets}   # (a property call per request)
-        self.admission = Admission(config, policy, umask=_current_umask(), clock=time.time)
+        self.admission = Admission(config, policy, umask=_current_umask(),
+                                   clock=None if config.reread else time.time)
         self.idle_exit = idle_exit
         # inetd mode: while transfers run the request loop looks every
         # PENDING_POLL seconds whether they have ended; with a shorter idle
