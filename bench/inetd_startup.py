@@ -168,7 +168,7 @@ def timed(name: str, cmd: str, port: int) -> float:
     try:
         return first_data(port)
     except (TimeoutError, socket.timeout, ConnectionRefusedError) as e:
-        sys.exit(f"{name}: no DATA ({e or 'timed out'}); run its inetd command by hand to see why:"
+        sys.exit(f"{name}: no DATA ({e}); run its inetd command by hand to see why:"
                  f"\n  {cmd}")
 
 

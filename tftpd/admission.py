@@ -12,8 +12,8 @@ import stat
 
 from . import netascii, paths
 from .files import (
-    KEEP_CONTENTS_MAX, AtomicFile, BytesSource, FileSource, MappedSource, NetasciiSink,
-    NetasciiSource, SmallSource, file_source, free_bytes, keep_contents, kept_contents, settled,
+    AtomicFile, BytesSource, FileSource, MappedSource, NetasciiSink, NetasciiSource, SmallSource,
+    file_source, free_bytes, keep_contents, kept_contents, settled,
 )
 from .options import negotiate
 from .packets import ErrorCode, Opcode, TftpError, oack_packet
@@ -234,7 +234,7 @@ class Admission:
             raise _denied()
         if not _servable(pre):
             raise _denied()
-        if kept and pre.st_size <= KEEP_CONTENTS_MAX:
+        if kept:
             # Kept when this file, as it is now, was read before (through
             # the open below): its mode, owner and ACL are those of then
             # (a change would show in its ctime), so the server may read it.
